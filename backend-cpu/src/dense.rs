@@ -1,0 +1,285 @@
+//! Dense layers: `linear` (one gemm), `conv2d` (im2col + gemm per row chunk)
+//! and the direct depthwise 3x3 convolution.
+
+use dcdit_core::backend::Grid;
+use dcdit_core::{Error, Result};
+use rayon::prelude::*;
+
+use crate::tensor::CpuTensor;
+use crate::util::{for_row_chunks, gemm_f32, Mat, SyncPtr};
+
+/// Checks that an optional bias holds `m` elements and returns it as f32.
+fn bias_of<'a>(
+    op: &str,
+    b: Option<&'a CpuTensor>,
+    m: usize,
+) -> Result<Option<std::borrow::Cow<'a, [f32]>>> {
+    match b {
+        None => Ok(None),
+        Some(b) if b.numel() == m => Ok(Some(b.to_f32_cow())),
+        Some(b) => Err(Error::input(format!(
+            "{op}: bias has shape {:?} ({} elements), expected {m}",
+            b.shape(),
+            b.numel()
+        ))),
+    }
+}
+
+/// Fills every `m`-wide row of `out` with the bias (or zeros).
+fn prefill_bias(out: &mut [f32], m: usize, bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        for_row_chunks(out, m, |_, rows| {
+            for row in rows.chunks_exact_mut(m) {
+                row.copy_from_slice(bias);
+            }
+        });
+    }
+}
+
+/// `y = x w^T + b`; `x (.., k)`, `w (m, k)`.
+pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Result<CpuTensor> {
+    let (n, k) = x.dims2();
+    if w.shape().len() != 2 || w.shape()[1] != k {
+        return Err(Error::input(format!(
+            "linear: weight shape {:?} does not match input shape {:?} (want (m, {k}))",
+            w.shape(),
+            x.shape()
+        )));
+    }
+    let m = w.shape()[0];
+    let bias = bias_of("linear", b, m)?;
+    let xs = x.to_f32_cow();
+    let ws = w.to_f32_cow();
+    let mut out = vec![0.0f32; n * m];
+    prefill_bias(&mut out, m, bias.as_deref());
+    // SAFETY: shapes checked above; `out` is exclusively borrowed.
+    unsafe {
+        gemm_f32(
+            n,
+            m,
+            k,
+            out.as_mut_ptr(),
+            m as isize,
+            1,
+            bias.is_some(),
+            Mat {
+                ptr: xs.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            },
+            // w^T (k, m): element (kk, j) = w[j * k + kk].
+            Mat {
+                ptr: ws.as_ptr(),
+                rs: 1,
+                cs: k as isize,
+            },
+            1.0,
+            true,
+        );
+    }
+    let mut shape = x.shape().to_vec();
+    match shape.last_mut() {
+        Some(last) => *last = m,
+        None => shape.push(m),
+    }
+    Ok(CpuTensor::from_result(out, &shape, x.dtype()))
+}
+
+/// Checks that `x` is an NHWC activation over `grid` and returns its channels.
+fn check_grid(op: &str, x: &CpuTensor, grid: Grid) -> Result<usize> {
+    let (rows, c) = x.dims2();
+    if rows != grid.rows() {
+        return Err(Error::input(format!(
+            "{op}: input shape {:?} has {rows} rows but the grid {}x{}x{} needs {}",
+            x.shape(),
+            grid.batch,
+            grid.height,
+            grid.width,
+            grid.rows()
+        )));
+    }
+    Ok(c)
+}
+
+/// Writes the im2col rows `r0..r0 + n` of `x` into `col` (`n` rows of
+/// `k*k*cin`, ordered `(ky, kx, cin)`), zero outside the grid.
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    x: &[f32],
+    grid: Grid,
+    cin: usize,
+    k: usize,
+    r0: usize,
+    n: usize,
+    col: &mut [f32],
+) {
+    let (h, w) = (grid.height as isize, grid.width as isize);
+    let l = grid.len();
+    let pad = (k / 2) as isize;
+    let kc = k * k * cin;
+    for (i, dst_row) in col[..n * kc].chunks_exact_mut(kc).enumerate() {
+        let r = r0 + i;
+        let b = r / l;
+        let rem = r % l;
+        let y = (rem / grid.width) as isize;
+        let xx = (rem % grid.width) as isize;
+        for ky in 0..k {
+            let sy = y + ky as isize - pad;
+            for kx in 0..k {
+                let sx = xx + kx as isize - pad;
+                let dst = &mut dst_row[(ky * k + kx) * cin..(ky * k + kx + 1) * cin];
+                if sy >= 0 && sy < h && sx >= 0 && sx < w {
+                    let src = b * l + (sy * w + sx) as usize;
+                    dst.copy_from_slice(&x[src * cin..(src + 1) * cin]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// Stride-1 "same" convolution, OHWI weights, odd `k`.
+pub(crate) fn conv2d(
+    x: &CpuTensor,
+    grid: Grid,
+    w: &CpuTensor,
+    b: Option<&CpuTensor>,
+    k: usize,
+) -> Result<CpuTensor> {
+    let cin = check_grid("conv2d", x, grid)?;
+    if k % 2 == 0 {
+        return Err(Error::input(format!(
+            "conv2d: kernel size must be odd for same padding, got {k}"
+        )));
+    }
+    let ws = w.shape();
+    if ws.len() != 4 || ws[1] != k || ws[2] != k || ws[3] != cin {
+        return Err(Error::input(format!(
+            "conv2d: weight shape {ws:?} does not match (cout, {k}, {k}, {cin})"
+        )));
+    }
+    let cout = ws[0];
+    if k == 1 {
+        let x2 = CpuTensor {
+            shape: [grid.rows(), cin].into_iter().collect(),
+            data: x.data.clone(),
+        };
+        let w2 = CpuTensor {
+            shape: [cout, cin].into_iter().collect(),
+            data: w.data.clone(),
+        };
+        return linear(&x2, &w2, b);
+    }
+    let bias = bias_of("conv2d", b, cout)?;
+    let rows = grid.rows();
+    let kc = k * k * cin;
+    let xs = x.to_f32_cow();
+    let wt = w.to_f32_cow();
+    let mut out = vec![0.0f32; rows * cout];
+    prefill_bias(&mut out, cout, bias.as_deref());
+    if rows == 0 || cout == 0 {
+        return Ok(CpuTensor::from_result(out, &[rows, cout], x.dtype()));
+    }
+    // Row chunks: enough to keep every thread busy, each im2col buffer at most
+    // ~8 MiB.
+    let threads = rayon::current_num_threads().max(1);
+    let max_rows_mem = ((1usize << 21) / kc.max(1)).max(8);
+    let rows_per = rows.div_ceil(threads).min(max_rows_mem).max(1);
+    let n_chunks = rows.div_ceil(rows_per);
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let xs = &*xs;
+    let wt = &*wt;
+    let accumulate = bias.is_some();
+    let run = |chunk: usize, col: &mut Vec<f32>| {
+        let r0 = chunk * rows_per;
+        let n = rows_per.min(rows - r0);
+        col.resize(n * kc, 0.0);
+        im2col(xs, grid, cin, k, r0, n, col);
+        // SAFETY: chunk `chunk` owns output rows r0..r0+n exclusively.
+        unsafe {
+            gemm_f32(
+                n,
+                cout,
+                kc,
+                out_ptr.get().add(r0 * cout),
+                cout as isize,
+                1,
+                accumulate,
+                Mat {
+                    ptr: col.as_ptr(),
+                    rs: kc as isize,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: wt.as_ptr(),
+                    rs: 1,
+                    cs: kc as isize,
+                },
+                1.0,
+                n_chunks == 1,
+            );
+        }
+    };
+    if n_chunks == 1 {
+        run(0, &mut Vec::new());
+    } else {
+        (0..n_chunks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |col, chunk| run(chunk, col));
+    }
+    Ok(CpuTensor::from_result(out, &[rows, cout], x.dtype()))
+}
+
+/// Depthwise 3x3 "same" convolution without bias, `w (c, 9)`.
+pub(crate) fn depthwise_conv3x3(x: &CpuTensor, grid: Grid, w: &CpuTensor) -> Result<CpuTensor> {
+    let c = check_grid("depthwise_conv3x3", x, grid)?;
+    if w.numel() != c * 9 {
+        return Err(Error::input(format!(
+            "depthwise_conv3x3: weight shape {:?} does not match ({c}, 9)",
+            w.shape()
+        )));
+    }
+    let ws = w.to_f32_cow();
+    // Tap-major copy (9, c) so the inner loop runs over contiguous channels.
+    let mut taps = vec![0.0f32; 9 * c];
+    for ch in 0..c {
+        for t in 0..9 {
+            taps[t * c + ch] = ws[ch * 9 + t];
+        }
+    }
+    let xs = x.to_f32_cow();
+    let xs = &*xs;
+    let rows = grid.rows();
+    let mut out = vec![0.0f32; rows * c];
+    let (h, wd, l) = (grid.height as isize, grid.width as isize, grid.len());
+    for_row_chunks(&mut out, c, |r0, chunk| {
+        for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
+            let r = r0 + i;
+            let b = r / l;
+            let rem = r % l;
+            let y = (rem / grid.width) as isize;
+            let xx = (rem % grid.width) as isize;
+            for ky in 0..3isize {
+                let sy = y + ky - 1;
+                if sy < 0 || sy >= h {
+                    continue;
+                }
+                for kx in 0..3isize {
+                    let sx = xx + kx - 1;
+                    if sx < 0 || sx >= wd {
+                        continue;
+                    }
+                    let src = b * l + (sy * wd + sx) as usize;
+                    let src = &xs[src * c..(src + 1) * c];
+                    let t = (ky * 3 + kx) as usize;
+                    let tw = &taps[t * c..(t + 1) * c];
+                    for ((o, &s), &wv) in dst.iter_mut().zip(src).zip(tw) {
+                        *o += s * wv;
+                    }
+                }
+            }
+        }
+    });
+    Ok(CpuTensor::from_result(out, &[rows, c], x.dtype()))
+}

@@ -1,0 +1,319 @@
+//! Element-wise ops, per-row reductions and scalings, per-sample broadcasts
+//! over packed rows, row gathers and scatters.
+
+use dcdit_core::backend::{Binary, Segments, Unary};
+use dcdit_core::{Error, Result};
+
+use crate::tensor::CpuTensor;
+use crate::util::{check_segments, for_row_chunks, for_rows_with_sample, sum};
+
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+#[inline]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    const K: f32 = 0.797_884_6; // sqrt(2 / pi)
+    0.5 * x * (1.0 + (K * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// `1 / (1 + exp(-x))`.
+#[inline]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Applies `f` to every element.
+fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync + Send) -> CpuTensor {
+    let xs = x.to_f32_cow();
+    let xs = &*xs;
+    let mut out = vec![0.0f32; xs.len()];
+    for_row_chunks(&mut out, 1, |i0, chunk| {
+        for (o, &v) in chunk.iter_mut().zip(&xs[i0..]) {
+            *o = f(v);
+        }
+    });
+    CpuTensor::from_result(out, x.shape(), x.dtype())
+}
+
+/// Element-wise function.
+pub(crate) fn unary(x: &CpuTensor, op: Unary) -> Result<CpuTensor> {
+    Ok(match op {
+        Unary::Silu => map(x, |v| v * sigmoid(v)),
+        Unary::GeluTanh => map(x, gelu_tanh),
+        Unary::Sigmoid => map(x, sigmoid),
+    })
+}
+
+/// Element-wise `a op b` on equal shapes.
+pub(crate) fn binary(a: &CpuTensor, b: &CpuTensor, op: Binary) -> Result<CpuTensor> {
+    if a.shape() != b.shape() {
+        return Err(Error::input(format!(
+            "binary {op:?}: shapes differ: {:?} vs {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let av = a.to_f32_cow();
+    let bv = b.to_f32_cow();
+    let (av, bv) = (&*av, &*bv);
+    let mut out = vec![0.0f32; av.len()];
+    for_row_chunks(&mut out, 1, |i0, chunk| {
+        let n = chunk.len();
+        let (x, y) = (&av[i0..i0 + n], &bv[i0..i0 + n]);
+        match op {
+            Binary::Add => chunk.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (p, q))| *o = p + q),
+            Binary::Sub => chunk.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (p, q))| *o = p - q),
+            Binary::Mul => chunk.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (p, q))| *o = p * q),
+        }
+    });
+    Ok(CpuTensor::from_result(out, a.shape(), a.dtype()))
+}
+
+/// `a * x + b` with scalars.
+pub(crate) fn affine(x: &CpuTensor, a: f32, b: f32) -> Result<CpuTensor> {
+    Ok(map(x, move |v| a * v + b))
+}
+
+/// Sum of each row, `(rows, 1)`.
+pub(crate) fn row_sum(x: &CpuTensor) -> Result<CpuTensor> {
+    let (rows, c) = x.dims2();
+    let xs = x.to_f32_cow();
+    let xs = &*xs;
+    let mut out = vec![0.0f32; rows];
+    if c > 0 {
+        let rows_per_task = (crate::util::PAR_GRAIN / c).max(1);
+        // Chunk the output so each task reads about PAR_GRAIN inputs.
+        if rows * c <= crate::util::PAR_GRAIN {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = sum(&xs[r * c..(r + 1) * c]);
+            }
+        } else {
+            use rayon::prelude::*;
+            out.par_chunks_mut(rows_per_task)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    for (i, o) in chunk.iter_mut().enumerate() {
+                        let r = t * rows_per_task + i;
+                        *o = sum(&xs[r * c..(r + 1) * c]);
+                    }
+                });
+        }
+    }
+    Ok(CpuTensor::from_result(out, &[rows, 1], x.dtype()))
+}
+
+/// `x[r, :] * s[r]`.
+pub(crate) fn scale_rows(x: &CpuTensor, s: &CpuTensor) -> Result<CpuTensor> {
+    let (rows, c) = x.dims2();
+    if s.numel() != rows {
+        return Err(Error::input(format!(
+            "scale_rows: scale shape {:?} must hold one value per row of {:?} ({rows})",
+            s.shape(),
+            x.shape()
+        )));
+    }
+    let xs = x.to_f32_cow();
+    let ss = s.to_f32_cow();
+    let (xs, ss) = (&*xs, &*ss);
+    let mut out = vec![0.0f32; xs.len()];
+    if c > 0 {
+        for_row_chunks(&mut out, c, |r0, chunk| {
+            for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
+                let r = r0 + i;
+                let k = ss[r];
+                for (o, &v) in dst.iter_mut().zip(&xs[r * c..(r + 1) * c]) {
+                    *o = v * k;
+                }
+            }
+        });
+    }
+    Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
+}
+
+/// Ones of the same shape and dtype.
+pub(crate) fn ste(x: &CpuTensor) -> Result<CpuTensor> {
+    Ok(CpuTensor::from_result(
+        vec![1.0f32; x.numel()],
+        x.shape(),
+        x.dtype(),
+    ))
+}
+
+/// Checks a per-sample matrix `v (S, width)` against segments of `x`'s rows.
+fn check_per_sample(
+    op: &str,
+    x: &CpuTensor,
+    v: &CpuTensor,
+    seg: Segments,
+) -> Result<(usize, usize, usize)> {
+    let (rows, c) = x.dims2();
+    let samples = check_segments(op, seg, rows)?;
+    let (vr, vc) = v.dims2();
+    if vr != samples {
+        return Err(Error::input(format!(
+            "{op}: per-sample tensor {:?} has {vr} rows but there are {samples} segments",
+            v.shape()
+        )));
+    }
+    Ok((rows, c, vc))
+}
+
+/// `x[r] + v[s]` for every row `r` of sample `s`.
+pub(crate) fn add_segment(x: &CpuTensor, v: &CpuTensor, seg: Segments) -> Result<CpuTensor> {
+    let (_, c, vc) = check_per_sample("add_segment", x, v, seg)?;
+    if vc != c {
+        return Err(Error::input(format!(
+            "add_segment: vector width {vc} ({:?}) differs from input width {c} ({:?})",
+            v.shape(),
+            x.shape()
+        )));
+    }
+    let xs = x.to_f32_cow();
+    let vs = v.to_f32_cow();
+    let (xs, vs) = (&*xs, &*vs);
+    let mut out = vec![0.0f32; xs.len()];
+    if c > 0 {
+        for_row_chunks(&mut out, c, |r0, chunk| {
+            for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
+                let dst = &mut chunk[(r - r0) * c..(r - r0 + 1) * c];
+                let (src, add) = (&xs[r * c..(r + 1) * c], &vs[s * c..(s + 1) * c]);
+                for ((o, &a), &b) in dst.iter_mut().zip(src).zip(add) {
+                    *o = a + b;
+                }
+            });
+        });
+    }
+    Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
+}
+
+/// Checks that column block `at` (width `c`) exists in `ada (S, vc)`.
+fn check_block(op: &str, what: &str, at: usize, c: usize, vc: usize) -> Result<()> {
+    if c == 0 && vc == 0 {
+        return Ok(());
+    }
+    if c == 0 || vc % c != 0 || at >= vc / c {
+        return Err(Error::input(format!(
+            "{op}: {what} block {at} of width {c} is not inside ada of width {vc}"
+        )));
+    }
+    Ok(())
+}
+
+/// adaLN modulation `x * (1 + scale[s]) + shift[s]`.
+pub(crate) fn modulate(
+    x: &CpuTensor,
+    ada: &CpuTensor,
+    shift_at: usize,
+    scale_at: usize,
+    seg: Segments,
+) -> Result<CpuTensor> {
+    let (_, c, vc) = check_per_sample("modulate", x, ada, seg)?;
+    check_block("modulate", "shift", shift_at, c, vc)?;
+    check_block("modulate", "scale", scale_at, c, vc)?;
+    let xs = x.to_f32_cow();
+    let av = ada.to_f32_cow();
+    let (xs, av) = (&*xs, &*av);
+    let mut out = vec![0.0f32; xs.len()];
+    if c > 0 {
+        for_row_chunks(&mut out, c, |r0, chunk| {
+            for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
+                let dst = &mut chunk[(r - r0) * c..(r - r0 + 1) * c];
+                let src = &xs[r * c..(r + 1) * c];
+                let row = &av[s * vc..(s + 1) * vc];
+                let shift = &row[shift_at * c..(shift_at + 1) * c];
+                let scale = &row[scale_at * c..(scale_at + 1) * c];
+                for (((o, &v), &sh), &sc) in dst.iter_mut().zip(src).zip(shift).zip(scale) {
+                    *o = v * (1.0 + sc) + sh;
+                }
+            });
+        });
+    }
+    Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
+}
+
+/// Gated residual `x + gate[s] * y`.
+pub(crate) fn gated_add(
+    x: &CpuTensor,
+    y: &CpuTensor,
+    ada: &CpuTensor,
+    gate_at: usize,
+    seg: Segments,
+) -> Result<CpuTensor> {
+    if x.shape() != y.shape() {
+        return Err(Error::input(format!(
+            "gated_add: x {:?} and y {:?} must have equal shapes",
+            x.shape(),
+            y.shape()
+        )));
+    }
+    let (_, c, vc) = check_per_sample("gated_add", x, ada, seg)?;
+    check_block("gated_add", "gate", gate_at, c, vc)?;
+    let xs = x.to_f32_cow();
+    let ys = y.to_f32_cow();
+    let av = ada.to_f32_cow();
+    let (xs, ys, av) = (&*xs, &*ys, &*av);
+    let mut out = vec![0.0f32; xs.len()];
+    if c > 0 {
+        for_row_chunks(&mut out, c, |r0, chunk| {
+            for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
+                let dst = &mut chunk[(r - r0) * c..(r - r0 + 1) * c];
+                let (a, b) = (&xs[r * c..(r + 1) * c], &ys[r * c..(r + 1) * c]);
+                let gate = &av[s * vc + gate_at * c..s * vc + (gate_at + 1) * c];
+                for (((o, &p), &q), &g) in dst.iter_mut().zip(a).zip(b).zip(gate) {
+                    *o = p + g * q;
+                }
+            });
+        });
+    }
+    Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
+}
+
+/// Checks that every index is `< rows`.
+fn check_indices(op: &str, idx: &[u32], rows: usize) -> Result<()> {
+    if let Some((i, &v)) = idx.iter().enumerate().find(|(_, &v)| v as usize >= rows) {
+        return Err(Error::input(format!(
+            "{op}: index {v} at position {i} is out of range for {rows} rows"
+        )));
+    }
+    Ok(())
+}
+
+/// `out[i] = x[idx[i]]`.
+pub(crate) fn gather_rows(x: &CpuTensor, idx: &[u32]) -> Result<CpuTensor> {
+    let (rows, c) = x.dims2();
+    check_indices("gather_rows", idx, rows)?;
+    let xs = x.to_f32_cow();
+    let xs = &*xs;
+    let mut out = vec![0.0f32; idx.len() * c];
+    if c > 0 {
+        for_row_chunks(&mut out, c, |r0, chunk| {
+            for (dst, &i) in chunk.chunks_exact_mut(c).zip(&idx[r0..]) {
+                let i = i as usize;
+                dst.copy_from_slice(&xs[i * c..(i + 1) * c]);
+            }
+        });
+    }
+    Ok(CpuTensor::from_result(out, &[idx.len(), c], x.dtype()))
+}
+
+/// `out[idx[i]] += x[i]` into `rows` zero rows.
+pub(crate) fn scatter_add_rows(x: &CpuTensor, idx: &[u32], rows: usize) -> Result<CpuTensor> {
+    let (n, c) = x.dims2();
+    if n != idx.len() {
+        return Err(Error::input(format!(
+            "scatter_add_rows: {} indices for {n} input rows ({:?})",
+            idx.len(),
+            x.shape()
+        )));
+    }
+    check_indices("scatter_add_rows", idx, rows)?;
+    let xs = x.to_f32_cow();
+    let mut out = vec![0.0f32; rows * c];
+    if c > 0 {
+        for (src, &i) in xs.chunks_exact(c).zip(idx) {
+            let i = i as usize;
+            for (o, &v) in out[i * c..(i + 1) * c].iter_mut().zip(src) {
+                *o += v;
+            }
+        }
+    }
+    Ok(CpuTensor::from_result(out, &[rows, c], x.dtype()))
+}

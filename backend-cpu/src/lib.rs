@@ -1,0 +1,320 @@
+//! # dcdit-backend-cpu
+//!
+//! A multi-threaded CPU implementation of [`dcdit_core::Backend`] for dcdit
+//! (DC-DiT, arXiv 2603.06351).
+//!
+//! * Tensors ([`CpuTensor`]) are a shape plus a shared host buffer stored as
+//!   f32, f16 or bf16 ([`Storage`]). Reduced-precision storage is real: ops read
+//!   their inputs converting to f32, compute in f32, and store the result in
+//!   the dtype of their first tensor argument.
+//! * Dense layers go through the [`gemm`] crate: `linear` is a single gemm
+//!   (weights used transposed through strides, no copy), `conv2d` is im2col +
+//!   gemm over row chunks, attention runs two gemms per
+//!   `(segment, head, query block)` task.
+//! * All work runs on a private rayon pool ([`CpuBackend::with_threads`]), so
+//!   the backend does not fight other pools in the process.
+//!
+//! ```
+//! use dcdit_backend_cpu::CpuBackend;
+//! use dcdit_core::Backend;
+//! # fn main() -> dcdit_core::Result<()> {
+//! let b = CpuBackend::with_threads(1);
+//! let x = b.from_f32(&[1.0, 2.0, 3.0, 4.0], &[2, 2])?;
+//! let w = b.from_f32(&[1.0, 0.0, 1.0, 1.0], &[2, 2])?;
+//! let y = b.linear(&x, &w, None)?;
+//! assert_eq!(b.to_f32(&y)?, vec![1.0, 3.0, 3.0, 7.0]);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+mod attention;
+mod dechunk;
+mod dense;
+mod elementwise;
+mod norm;
+mod tensor;
+mod util;
+
+use std::sync::Arc;
+
+use dcdit_core::backend::{Backend, Binary, DType, Grid, Segments, Unary};
+use dcdit_core::{Error, Result};
+
+pub use tensor::{CpuTensor, Shape, Storage};
+
+/// The CPU backend: a handle to a rayon thread pool (cheap to clone; clones
+/// share the pool).
+#[derive(Clone)]
+pub struct CpuBackend {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("threads", &self.threads())
+            .finish()
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuBackend {
+    /// A backend using every available core.
+    pub fn new() -> Self {
+        Self::with_threads(0)
+    }
+
+    /// A backend with `threads` worker threads (`0` = available cores).
+    ///
+    /// # Panics
+    /// Panics if the operating system refuses to spawn the threads.
+    pub fn with_threads(threads: usize) -> Self {
+        Self::try_with_threads(threads).expect("dcdit-backend-cpu: cannot build the thread pool")
+    }
+
+    /// Like [`CpuBackend::with_threads`], reporting thread-spawn failures as
+    /// [`Error::Backend`].
+    pub fn try_with_threads(threads: usize) -> Result<Self> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("dcdit-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::backend(format!("cpu: cannot build a {threads}-thread pool: {e}")))?;
+        Ok(CpuBackend {
+            pool: Arc::new(pool),
+        })
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// The buffer of an f32 tensor (no copy); `None` for f16/bf16 storage.
+    pub fn tensor_f32_slice(t: &CpuTensor) -> Option<&[f32]> {
+        t.as_f32_slice()
+    }
+
+    /// Runs `f` on this backend's thread pool (for callers that want to run
+    /// their own rayon code with the same threads).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}
+
+/// The widest SIMD extension the CPU offers (for [`Backend::name`]).
+fn simd_features() -> &'static str {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return "avx2+fma";
+        }
+        if std::is_x86_feature_detected!("avx") {
+            return "avx";
+        }
+        if std::is_x86_feature_detected!("sse4.1") {
+            return "sse4.1";
+        }
+        "sse2"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+
+    fn name(&self) -> String {
+        let n = self.threads();
+        format!(
+            "cpu ({n} thread{}, {})",
+            if n == 1 { "" } else { "s" },
+            simd_features()
+        )
+    }
+
+    fn shape(&self, t: &CpuTensor) -> Vec<usize> {
+        t.shape().to_vec()
+    }
+
+    fn dtype(&self, t: &CpuTensor) -> DType {
+        t.dtype()
+    }
+
+    fn from_f32(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
+        CpuTensor::from_f32_vec(data.to_vec(), shape)
+    }
+
+    fn to_f32(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.to_f32_cow().into_owned())
+    }
+
+    fn cast(&self, t: &CpuTensor, dtype: DType) -> Result<CpuTensor> {
+        if t.dtype() == dtype {
+            return Ok(t.clone());
+        }
+        Ok(CpuTensor::from_result(
+            t.to_f32_cow().into_owned(),
+            t.shape(),
+            dtype,
+        ))
+    }
+
+    fn reshape(&self, t: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        let n = tensor::numel_of(shape)?;
+        if n != t.numel() {
+            return Err(Error::input(format!(
+                "reshape: cannot view {:?} ({} elements) as {shape:?} ({n} elements)",
+                t.shape(),
+                t.numel()
+            )));
+        }
+        Ok(CpuTensor {
+            shape: Shape::from_slice(shape),
+            data: t.data.clone(),
+        })
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Result<CpuTensor> {
+        self.pool.install(|| dense::linear(x, w, b))
+    }
+
+    fn conv2d(
+        &self,
+        x: &CpuTensor,
+        grid: Grid,
+        w: &CpuTensor,
+        b: Option<&CpuTensor>,
+        k: usize,
+    ) -> Result<CpuTensor> {
+        self.pool.install(|| dense::conv2d(x, grid, w, b, k))
+    }
+
+    fn depthwise_conv3x3(&self, x: &CpuTensor, grid: Grid, w: &CpuTensor) -> Result<CpuTensor> {
+        self.pool.install(|| dense::depthwise_conv3x3(x, grid, w))
+    }
+
+    fn group_norm(
+        &self,
+        x: &CpuTensor,
+        grid: Grid,
+        groups: usize,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        self.pool
+            .install(|| norm::group_norm(x, grid, groups, gamma, beta, eps))
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        self.pool.install(|| norm::layer_norm(x, eps))
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        self.pool.install(|| norm::rms_norm(x, w, eps))
+    }
+
+    fn l2_normalize(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        self.pool.install(|| norm::l2_normalize(x))
+    }
+
+    fn unary(&self, x: &CpuTensor, op: Unary) -> Result<CpuTensor> {
+        self.pool.install(|| elementwise::unary(x, op))
+    }
+
+    fn binary(&self, a: &CpuTensor, b: &CpuTensor, op: Binary) -> Result<CpuTensor> {
+        self.pool.install(|| elementwise::binary(a, b, op))
+    }
+
+    fn affine(&self, x: &CpuTensor, a: f32, b: f32) -> Result<CpuTensor> {
+        self.pool.install(|| elementwise::affine(x, a, b))
+    }
+
+    fn row_sum(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        self.pool.install(|| elementwise::row_sum(x))
+    }
+
+    fn scale_rows(&self, x: &CpuTensor, s: &CpuTensor) -> Result<CpuTensor> {
+        self.pool.install(|| elementwise::scale_rows(x, s))
+    }
+
+    fn ste(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        elementwise::ste(x)
+    }
+
+    fn add_segment(&self, x: &CpuTensor, v: &CpuTensor, seg: Segments) -> Result<CpuTensor> {
+        self.pool.install(|| elementwise::add_segment(x, v, seg))
+    }
+
+    fn modulate(
+        &self,
+        x: &CpuTensor,
+        ada: &CpuTensor,
+        shift_at: usize,
+        scale_at: usize,
+        seg: Segments,
+    ) -> Result<CpuTensor> {
+        self.pool
+            .install(|| elementwise::modulate(x, ada, shift_at, scale_at, seg))
+    }
+
+    fn gated_add(
+        &self,
+        x: &CpuTensor,
+        y: &CpuTensor,
+        ada: &CpuTensor,
+        gate_at: usize,
+        seg: Segments,
+    ) -> Result<CpuTensor> {
+        self.pool
+            .install(|| elementwise::gated_add(x, y, ada, gate_at, seg))
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, idx: &[u32]) -> Result<CpuTensor> {
+        self.pool.install(|| elementwise::gather_rows(x, idx))
+    }
+
+    fn scatter_add_rows(&self, x: &CpuTensor, idx: &[u32], rows: usize) -> Result<CpuTensor> {
+        elementwise::scatter_add_rows(x, idx, rows)
+    }
+
+    fn attention(&self, qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<CpuTensor> {
+        self.pool.install(|| attention::attention(qkv, heads, seg))
+    }
+
+    fn dechunk_smooth(
+        &self,
+        h: &CpuTensor,
+        p: &CpuTensor,
+        pos: &[u32],
+        width: usize,
+        sigma: f32,
+        seg: Segments,
+    ) -> Result<CpuTensor> {
+        self.pool
+            .install(|| dechunk::dechunk_smooth(h, p, pos, width, sigma, seg))
+    }
+}

@@ -1,0 +1,249 @@
+//! Shared helpers: parallel row loops, segment validation, the gemm wrapper,
+//! vectorisable reductions.
+
+use dcdit_core::{Error, Result};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Element count below which an element-wise or row-wise loop runs on the
+/// calling thread (the rayon hand-off costs a few microseconds).
+pub(crate) const PAR_GRAIN: usize = 1 << 15;
+
+/// Work (`m * n * k`) below which a gemm runs single-threaded.
+pub(crate) const GEMM_PAR_WORK: usize = 1 << 20;
+
+/// Runs `f(first_row, rows)` over chunks of whole `cols`-wide rows of `out`,
+/// in parallel (on the current rayon pool) when `out` is large.
+pub(crate) fn for_row_chunks<F>(out: &mut [f32], cols: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    if out.is_empty() {
+        return;
+    }
+    let cols = cols.max(1);
+    if out.len() <= PAR_GRAIN {
+        f(0, out);
+        return;
+    }
+    let rows_per = (PAR_GRAIN / cols).max(1);
+    out.par_chunks_mut(rows_per * cols)
+        .enumerate()
+        .for_each(|(i, chunk)| f(i * rows_per, chunk));
+}
+
+/// Validates packed-batch offsets against a row count: `seg[0] == 0`,
+/// non-decreasing, `seg[last] == rows`. Returns the number of samples.
+pub(crate) fn check_segments(op: &str, seg: &[usize], rows: usize) -> Result<usize> {
+    if seg.is_empty() {
+        return Err(Error::input(format!(
+            "{op}: segments must hold at least one offset (got an empty slice)"
+        )));
+    }
+    if seg[0] != 0 {
+        return Err(Error::input(format!("{op}: segments must start at 0, got {}", seg[0])));
+    }
+    if let Some(w) = seg.windows(2).find(|w| w[1] < w[0]) {
+        return Err(Error::input(format!(
+            "{op}: segment offsets must be non-decreasing, found {} after {}",
+            w[1], w[0]
+        )));
+    }
+    let last = seg[seg.len() - 1];
+    if last != rows {
+        return Err(Error::input(format!(
+            "{op}: segments cover {last} rows but the tensor has {rows}"
+        )));
+    }
+    Ok(seg.len() - 1)
+}
+
+/// The sample owning `row` (the last `s` with `seg[s] <= row`, skipping empty
+/// segments). `row` must be `< seg[last]`.
+#[inline]
+pub(crate) fn sample_of(seg: &[usize], row: usize) -> usize {
+    seg.partition_point(|&o| o <= row) - 1
+}
+
+/// Calls `f(row, sample)` for rows `r0..r0 + n` of a segmented batch.
+#[inline]
+pub(crate) fn for_rows_with_sample(
+    seg: &[usize],
+    r0: usize,
+    n: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    if n == 0 {
+        return;
+    }
+    let mut s = sample_of(seg, r0);
+    for r in r0..r0 + n {
+        while seg[s + 1] <= r {
+            s += 1;
+        }
+        f(r, s);
+    }
+}
+
+/// A raw pointer that may cross threads; users guarantee disjoint writes.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: only used to hand disjoint output regions to rayon tasks.
+unsafe impl Send for SyncPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer (a method so closures capture the whole `Send` wrapper).
+    #[inline]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A strided matrix operand for [`gemm_f32`]: element `(i, j)` is at
+/// `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub(crate) ptr: *const f32,
+    pub(crate) rs: isize,
+    pub(crate) cs: isize,
+}
+
+/// `dst (m, n) = [dst +] scale * lhs (m, k) * rhs (k, n)` with f32 operands.
+/// `accumulate` keeps the existing `dst` values (e.g. a pre-filled bias).
+///
+/// # Safety
+/// The pointers must be valid for the given shapes and strides, `dst` must
+/// not alias `lhs`/`rhs`, and no other thread may touch the `dst` region.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.offset(i as isize * dst_rs + j as isize * dst_cs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let par = if parallel && m.saturating_mul(n).saturating_mul(k) >= GEMM_PAR_WORK {
+        Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        if accumulate { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// Sum with eight independent accumulators (vectorises; also more accurate
+/// than a sequential sum).
+#[inline]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    let mut s = rest.iter().sum::<f32>();
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// Sum of squares with eight accumulators.
+#[inline]
+pub(crate) fn sum_sq(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l] * c[l];
+        }
+    }
+    let mut s = rest.iter().map(|v| v * v).sum::<f32>();
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// Sum of squared deviations from `mean`, eight accumulators.
+#[inline]
+pub(crate) fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            let d = c[l] - mean;
+            acc[l] += d * d;
+        }
+    }
+    let mut s = rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>();
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// Dot product with eight accumulators.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let ra = ca.remainder();
+    let rb = cb.remainder();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>();
+    for v in acc {
+        s += v;
+    }
+    s
+}

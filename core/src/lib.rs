@@ -1,0 +1,36 @@
+//! # dcdit-core
+//!
+//! The backend-independent heart of dcdit, a Rust implementation of the
+//! Dynamic Chunking Diffusion Transformer (DC-DiT, arXiv 2603.06351).
+//!
+//! * [`backend`]: the [`Backend`](backend::Backend) trait every device implements.
+//! * Allocation-free algorithms on caller-provided slices, one file per paper term:
+//!   [`router`] (boundary selection, tail dropping, cosine scores),
+//!   [`chunk`] (kept-token order), [`dechunk`] (distance-weighted smoothing,
+//!   plug-back), [`ratio_loss`], [`scheduler`] (DDPM/DDIM), [`embed`]
+//!   (timestep features, 2D sin-cos table).
+//! * [`config`], [`weights`], [`model`] (DC-DiT and the fixed-patch DiT baseline,
+//!   written once over the backend trait) and [`flops`].
+//!
+//! The crate is `#![no_std]` with `alloc`; the `std` feature (default) adds YAML
+//! config parsing.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod backend;
+pub mod chunk;
+pub mod config;
+pub mod dechunk;
+pub mod embed;
+pub mod error;
+pub mod flops;
+pub mod model;
+pub mod ratio_loss;
+pub mod router;
+pub mod scheduler;
+pub mod weights;
+
+pub use backend::{Backend, DType, Grid, Segments};
+pub use error::{Error, Result};
