@@ -79,7 +79,13 @@ pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<
             let mut q0 = 0;
             while q0 < n {
                 let qn = Q_BLOCK.min(n - q0);
-                tasks.push(Task { r0, n, head, q0, qn });
+                tasks.push(Task {
+                    r0,
+                    n,
+                    head,
+                    q0,
+                    qn,
+                });
                 q0 += qn;
             }
         }
@@ -87,7 +93,13 @@ pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let stride = c3;
     let run = |scores: &mut Vec<f32>, task: &Task| {
-        let Task { r0, n, head, q0, qn } = *task;
+        let Task {
+            r0,
+            n,
+            head,
+            q0,
+            qn,
+        } = *task;
         let qoff = head * hd;
         let koff = d + head * hd;
         let voff = 2 * d + head * hd;

@@ -26,6 +26,7 @@ impl IntoResult for Result<()> {
 }
 
 /// Distance-weighted smoothing (SPEC 3) of `h (T, d)` with `p (T, 1)`.
+#[allow(clippy::unit_arg)] // `smooth` may return `()`; see `IntoResult`.
 pub(crate) fn dechunk_smooth(
     h: &CpuTensor,
     p: &CpuTensor,

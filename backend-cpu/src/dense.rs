@@ -104,15 +104,7 @@ fn check_grid(op: &str, x: &CpuTensor, grid: Grid) -> Result<usize> {
 /// Writes the im2col rows `r0..r0 + n` of `x` into `col` (`n` rows of
 /// `k*k*cin`, ordered `(ky, kx, cin)`), zero outside the grid.
 #[allow(clippy::too_many_arguments)]
-fn im2col(
-    x: &[f32],
-    grid: Grid,
-    cin: usize,
-    k: usize,
-    r0: usize,
-    n: usize,
-    col: &mut [f32],
-) {
+fn im2col(x: &[f32], grid: Grid, cin: usize, k: usize, r0: usize, n: usize, col: &mut [f32]) {
     let (h, w) = (grid.height as isize, grid.width as isize);
     let l = grid.len();
     let pad = (k / 2) as isize;

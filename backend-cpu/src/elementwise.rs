@@ -59,9 +59,18 @@ pub(crate) fn binary(a: &CpuTensor, b: &CpuTensor, op: Binary) -> Result<CpuTens
         let n = chunk.len();
         let (x, y) = (&av[i0..i0 + n], &bv[i0..i0 + n]);
         match op {
-            Binary::Add => chunk.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (p, q))| *o = p + q),
-            Binary::Sub => chunk.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (p, q))| *o = p - q),
-            Binary::Mul => chunk.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (p, q))| *o = p * q),
+            Binary::Add => chunk
+                .iter_mut()
+                .zip(x.iter().zip(y))
+                .for_each(|(o, (p, q))| *o = p + q),
+            Binary::Sub => chunk
+                .iter_mut()
+                .zip(x.iter().zip(y))
+                .for_each(|(o, (p, q))| *o = p - q),
+            Binary::Mul => chunk
+                .iter_mut()
+                .zip(x.iter().zip(y))
+                .for_each(|(o, (p, q))| *o = p * q),
         }
     });
     Ok(CpuTensor::from_result(out, a.shape(), a.dtype()))
@@ -78,9 +87,8 @@ pub(crate) fn row_sum(x: &CpuTensor) -> Result<CpuTensor> {
     let xs = x.to_f32_cow();
     let xs = &*xs;
     let mut out = vec![0.0f32; rows];
-    if c > 0 {
-        let rows_per_task = (crate::util::PAR_GRAIN / c).max(1);
-        // Chunk the output so each task reads about PAR_GRAIN inputs.
+    if let Some(rows_per_task) = crate::util::PAR_GRAIN.checked_div(c) {
+        let rows_per_task = rows_per_task.max(1);
         if rows * c <= crate::util::PAR_GRAIN {
             for (r, o) in out.iter_mut().enumerate() {
                 *o = sum(&xs[r * c..(r + 1) * c]);

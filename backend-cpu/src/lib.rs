@@ -92,7 +92,9 @@ impl CpuBackend {
             .num_threads(threads)
             .thread_name(|i| format!("dcdit-cpu-{i}"))
             .build()
-            .map_err(|e| Error::backend(format!("cpu: cannot build a {threads}-thread pool: {e}")))?;
+            .map_err(|e| {
+                Error::backend(format!("cpu: cannot build a {threads}-thread pool: {e}"))
+            })?;
         Ok(CpuBackend {
             pool: Arc::new(pool),
         })

@@ -36,12 +36,22 @@ fn group_reduce(
     let n_tasks = grid.batch * chunks_per_sample;
     let parts: Vec<(usize, Vec<f64>)> = if xs.len() <= PAR_GRAIN {
         (0..n_tasks)
-            .map(|t| (t / chunks_per_sample, partial(t / chunks_per_sample, t % chunks_per_sample)))
+            .map(|t| {
+                (
+                    t / chunks_per_sample,
+                    partial(t / chunks_per_sample, t % chunks_per_sample),
+                )
+            })
             .collect()
     } else {
         (0..n_tasks)
             .into_par_iter()
-            .map(|t| (t / chunks_per_sample, partial(t / chunks_per_sample, t % chunks_per_sample)))
+            .map(|t| {
+                (
+                    t / chunks_per_sample,
+                    partial(t / chunks_per_sample, t % chunks_per_sample),
+                )
+            })
             .collect()
     };
     let mut tot = vec![0.0f64; grid.batch * groups];
@@ -99,26 +109,33 @@ pub(crate) fn group_norm(
         .iter()
         .map(|s| (1.0 / (s / count.max(1.0) + eps as f64).sqrt()) as f32)
         .collect();
-    // Per (sample, channel) scale and shift: y = x * a + d.
+    // Per (sample, channel) mean, scale and shift: y = (x - m) * a + beta,
+    // with the f64 mean split into f32 `hi + lo` and subtracted in two steps,
+    // so the centred value is accurate even when |mean| >> std.
+    let mut m = vec![0.0f32; grid.batch * c];
+    let mut m_lo = vec![0.0f32; grid.batch * c];
     let mut a = vec![0.0f32; grid.batch * c];
-    let mut d = vec![0.0f32; grid.batch * c];
     for b in 0..grid.batch {
         for ch in 0..c {
             let g = b * groups + ch / cg.max(1);
-            let s = inv[g] * gm[ch];
-            a[b * c + ch] = s;
-            d[b * c + ch] = bt[ch] - mean32[g] * s;
+            m[b * c + ch] = mean32[g];
+            m_lo[b * c + ch] = (mean[g] - mean32[g] as f64) as f32;
+            a[b * c + ch] = inv[g] * gm[ch];
         }
     }
+    let bt = &*bt;
     let mut out = vec![0.0f32; rows * c];
     for_row_chunks(&mut out, c, |r0, chunk| {
         for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
             let r = r0 + i;
             let b = r / l;
             let src = &xs[r * c..(r + 1) * c];
-            let (ab, db) = (&a[b * c..(b + 1) * c], &d[b * c..(b + 1) * c]);
-            for (((o, &v), &s), &t) in dst.iter_mut().zip(src).zip(ab).zip(db) {
-                *o = v * s + t;
+            let span = b * c..(b + 1) * c;
+            let (mb, lb, ab) = (&m[span.clone()], &m_lo[span.clone()], &a[span]);
+            for (((((o, &v), &hi), &lo), &s), &t) in
+                dst.iter_mut().zip(src).zip(mb).zip(lb).zip(ab).zip(bt)
+            {
+                *o = ((v - hi) - lo) * s + t;
             }
         }
     });

@@ -41,7 +41,10 @@ pub(crate) fn check_segments(op: &str, seg: &[usize], rows: usize) -> Result<usi
         )));
     }
     if seg[0] != 0 {
-        return Err(Error::input(format!("{op}: segments must start at 0, got {}", seg[0])));
+        return Err(Error::input(format!(
+            "{op}: segments must start at 0, got {}",
+            seg[0]
+        )));
     }
     if let Some(w) = seg.windows(2).find(|w| w[1] < w[0]) {
         return Err(Error::input(format!(

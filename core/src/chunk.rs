@@ -151,9 +151,9 @@ mod tests {
         for (slot, &i) in out[..m].iter().enumerate() {
             ok &= rank[i as usize] == slot as u32;
         }
-        for i in 0..l {
+        for (i, &rk) in rank.iter().enumerate() {
             let before = c.mask[..i].iter().filter(|&&b| b).count() as u32;
-            ok &= rank[i] == before;
+            ok &= rk == before;
         }
         TestResult::from_bool(ok)
     }

@@ -254,8 +254,11 @@ pub struct ModelSpec {
     pub decoder: Vec<BlockKind>,
     /// MLP hidden width.
     pub mlp_hidden: usize,
-    /// Classes (table has one more row, the null class).
+    /// Classes.
     pub num_classes: usize,
+    /// Whether the class table has the extra null-class row (the release adds it
+    /// only when `training.class_dropout_prob > 0`).
+    pub null_class: bool,
     /// De-chunk sigma.
     pub sigma: f32,
     /// Router kind.
@@ -348,8 +351,9 @@ impl Config {
                 format!("{} is not a multiple of 8", d.image_size),
             ));
         }
-        positive(h, "data.latent_height")?;
-        positive(w, "data.latent_width")?;
+        let field = |set: bool, key| if set { key } else { "data.image_size" };
+        positive(h, field(d.latent_height.is_some(), "data.latent_height"))?;
+        positive(w, field(d.latent_width.is_some(), "data.latent_width"))?;
         Ok((h, w))
     }
 
@@ -470,6 +474,7 @@ impl Config {
             decoder,
             mlp_hidden,
             num_classes: self.data.num_classes,
+            null_class: self.training.class_dropout_prob > 0.0,
             sigma,
             router: hn.router,
             learn_sigma: self.training.learn_sigma,

@@ -1,1 +1,837 @@
-//! TODO
+//! De-chunking (SPEC section 3): distance-weighted smoothing of the main
+//! network's outputs over the kept tokens, and the nearest-kept-token
+//! plug-back that restores the full grid. One sample at a time, on
+//! caller-provided slices, without allocating (except [`plug_back_brute`],
+//! a test oracle).
+//!
+//! The arithmetic follows the release's `DeChunkLayer` in f32, in the same
+//! order, so results agree with it to float rounding (~1e-6).
+
+/// Lower clamp of the boundary probability inside de-chunking (the release's
+/// `torch.clamp(p, min=1e-4, max=1 - 1e-4)`).
+pub const P_CLAMP: f32 = 1e-4;
+
+/// Upper clamp: torch converts the python double `1 - 1e-4` to f32.
+pub const P_CLAMP_HI: f32 = (1.0f64 - 1e-4f64) as f32;
+
+/// Added to every row sum of the smoothing weights before normalising.
+const NORM_EPS: f32 = 1e-8;
+
+/// Marks "no kept token" in the column pass of [`plug_back`].
+const NONE: u32 = u32::MAX;
+
+#[inline]
+fn clamp_p(p: f32) -> f32 {
+    // f32::clamp propagates NaN like torch.clamp.
+    p.clamp(P_CLAMP, P_CLAMP_HI)
+}
+
+/// True where torch.clamp passes the gradient through (bounds inclusive).
+#[inline]
+fn clamp_passes(p: f32) -> bool {
+    (P_CLAMP..=P_CLAMP_HI).contains(&p)
+}
+
+/// `2 sigma^2` as the release forms it: a python double, then an f32 operand.
+#[inline]
+fn two_sigma_sq(sigma: f32) -> f32 {
+    let s = sigma as f64;
+    (2.0 * (s * s)) as f32
+}
+
+/// Grid coordinates of a raster position as f32 (exact below 2^24).
+#[inline]
+fn row_col(pos: u32, width: usize) -> (f32, f32) {
+    let pos = pos as usize;
+    ((pos / width) as f32, (pos % width) as f32)
+}
+
+/// Gaussian kernel weight between two positions, in f32 exactly as the
+/// release: `exp(-(dr^2 + dc^2) / (2 sigma^2))`.
+#[inline]
+fn kernel(a: (f32, f32), b: (f32, f32), denom: f32) -> f32 {
+    let dr = a.0 - b.0;
+    let dc = a.1 - b.1;
+    let dist_sq = dr * dr + dc * dc;
+    // exp in f64, rounded once: the correctly rounded f32 exp.
+    libm::exp((-dist_sq / denom) as f64) as f32
+}
+
+/// Dot product with eight partial sums: vectorisable without fast-math and
+/// more accurate than one running sum.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, ra) = (a.chunks_exact(8), a.chunks_exact(8).remainder());
+    let rb = b.chunks_exact(8).remainder();
+    for (x, y) in ca.zip(b.chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// `y += a * x`.
+#[inline]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// Row normaliser `S_i = sum_j K_ij c_j + 1e-8` of the smoothing weights.
+/// Summed in f64 and rounded once (torch's reduction order is unspecified;
+/// this is the closest f32 to the exact sum of its f32 terms).
+fn row_sum(i: usize, p: &[f32], pos: &[u32], width: usize, denom: f32) -> f32 {
+    let pi = row_col(pos[i], width);
+    let mut s = 0f64;
+    for (&pj, &posj) in p.iter().zip(pos) {
+        let w = kernel(pi, row_col(posj, width), denom) * clamp_p(pj);
+        s += w as f64;
+    }
+    (s as f32) + NORM_EPS
+}
+
+fn check_smooth_args(h: &[f32], dim: usize, p: &[f32], pos: &[u32], width: usize, out_len: usize) {
+    let m = p.len();
+    assert!(
+        h.len() == m * dim && pos.len() == m && out_len == m * dim,
+        "dechunk::smooth: length mismatch"
+    );
+    assert!(m == 0 || width > 0, "dechunk::smooth: zero width");
+}
+
+/// Distance-weighted smoothing of one sample's `M = p.len()` kept tokens.
+///
+/// `h` holds their rows (M x dim, row-major), `pos` their raster positions on a
+/// grid of `width` columns, `p` their boundary probabilities before the clamp
+/// (clamped here to `[P_CLAMP, P_CLAMP_HI]`). With
+/// `W_ij = exp(-|x_i - x_j|^2 / (2 sigma^2)) p_j` and
+/// `h~_i = sum_j W_ij h_j / (sum_k W_ik + 1e-8)`, writes
+/// `out_i = p_i h_i + (1 - p_i) h~_i`.
+///
+/// O(M^2 dim) time and no M x M buffer: row i's normaliser is summed first,
+/// then its weights are recomputed while accumulating.
+///
+/// # Panics
+/// If the slice lengths do not match `M` and `dim`, or `width == 0` with `M > 0`.
+pub fn smooth(
+    h: &[f32],
+    dim: usize,
+    p: &[f32],
+    pos: &[u32],
+    width: usize,
+    sigma: f32,
+    out: &mut [f32],
+) {
+    check_smooth_args(h, dim, p, pos, width, out.len());
+    if dim == 0 {
+        return;
+    }
+    let denom = two_sigma_sq(sigma);
+    for i in 0..p.len() {
+        let s = row_sum(i, p, pos, width, denom);
+        let xi = row_col(pos[i], width);
+        let oi = &mut out[i * dim..(i + 1) * dim];
+        oi.fill(0.0);
+        for (j, hj) in h.chunks_exact(dim).enumerate() {
+            let a = kernel(xi, row_col(pos[j], width), denom) * clamp_p(p[j]) / s;
+            axpy(a, hj, oi);
+        }
+        let ci = clamp_p(p[i]);
+        let hi = &h[i * dim..(i + 1) * dim];
+        for (o, &x) in oi.iter_mut().zip(hi) {
+            *o = ci * x + (1.0 - ci) * *o;
+        }
+    }
+}
+
+/// Exact gradient of [`smooth`]: given `grad_out` (M x dim), writes the
+/// gradient w.r.t. `h` into `grad_h` (M x dim) and w.r.t. the unclamped `p`
+/// into `grad_p` (M), overwriting both. Where the clamp is active the
+/// gradient is zero, as torch.clamp's (whose bounds pass the gradient).
+///
+/// With `c` the clamped p, `K` the kernel, `S_i = sum_k K_ik c_k + eps`,
+/// `s_i = sum_j K_ij c_j h_j / S_i`, `u_i = (1 - c_i) g_i` and
+/// `gamma_i = g_i . s_i`:
+/// `dh_j = c_j g_j + c_j sum_i K_ij u_i / S_i`,
+/// `dc_j = g_j . (h_j - s_j) + sum_i K_ij (1 - c_i) (g_i . h_j - gamma_i) / S_i`.
+/// Computed row by row in O(M^2 dim) without scratch; `gamma_i` is summed
+/// before the `dc` contributions so the difference is formed per term, not
+/// as two large cancelling sums.
+///
+/// # Panics
+/// On length mismatches, as [`smooth`].
+#[allow(clippy::too_many_arguments)]
+pub fn smooth_backward(
+    h: &[f32],
+    dim: usize,
+    p: &[f32],
+    pos: &[u32],
+    width: usize,
+    sigma: f32,
+    grad_out: &[f32],
+    grad_h: &mut [f32],
+    grad_p: &mut [f32],
+) {
+    let m = p.len();
+    check_smooth_args(h, dim, p, pos, width, grad_h.len());
+    assert!(
+        grad_out.len() == m * dim && grad_p.len() == m,
+        "dechunk::smooth_backward: length mismatch"
+    );
+    grad_p.fill(0.0);
+    if dim == 0 {
+        grad_h.fill(0.0);
+        return;
+    }
+    let denom = two_sigma_sq(sigma);
+    // Direct path out_j = c_j h_j + ...
+    for j in 0..m {
+        let cj = clamp_p(p[j]);
+        for (gh, &g) in grad_h[j * dim..(j + 1) * dim]
+            .iter_mut()
+            .zip(&grad_out[j * dim..(j + 1) * dim])
+        {
+            *gh = cj * g;
+        }
+    }
+    for i in 0..m {
+        let s = row_sum(i, p, pos, width, denom);
+        let ci = clamp_p(p[i]);
+        let gi = &grad_out[i * dim..(i + 1) * dim];
+        let xi = row_col(pos[i], width);
+        // gamma_i = g_i . s_i = sum_j a_ij (g_i . h_j), first pass.
+        let mut gamma = 0f64;
+        for j in 0..m {
+            let k = kernel(xi, row_col(pos[j], width), denom);
+            let a = k * clamp_p(p[j]) / s;
+            gamma += (a as f64) * (dot(gi, &h[j * dim..(j + 1) * dim]) as f64);
+        }
+        let gamma = gamma as f32;
+        let f = (1.0 - ci) / s;
+        for j in 0..m {
+            let k = kernel(xi, row_col(pos[j], width), denom);
+            let hj = &h[j * dim..(j + 1) * dim];
+            let d = dot(gi, hj);
+            grad_p[j] += f * k * (d - gamma);
+            let cj = clamp_p(p[j]);
+            axpy(cj * k * f, gi, &mut grad_h[j * dim..(j + 1) * dim]);
+        }
+        // dL/dc_i through the gate: g_i . (h_i - s_i).
+        grad_p[i] += dot(gi, &h[i * dim..(i + 1) * dim]) - gamma;
+    }
+    for (g, &pj) in grad_p.iter_mut().zip(p) {
+        if !clamp_passes(pj) {
+            *g = 0.0;
+        }
+    }
+}
+
+/// Scratch length (in u32) [`plug_back`] needs for a grid of `width` columns.
+pub fn plug_back_scratch_len(width: usize) -> usize {
+    2 * width
+}
+
+/// First integer column at which parabola `q` beats parabola `v` (`v < q`) under
+/// the total order (squared distance, then raster key of the candidate).
+///
+/// `F_q(c) - F_v(c) = A - D c` with `A = f_q - f_v + q^2 - v^2`, `D = 2 (q - v) > 0`,
+/// decreasing in c: q wins where it is negative, or zero with the smaller key.
+#[inline]
+fn beats_from(v: i64, fv: i64, kv: u32, q: i64, fq: i64, kq: u32) -> i64 {
+    let a = fq - fv + q * q - v * v;
+    let d = 2 * (q - v);
+    if kq < kv {
+        // A - D c <= 0  <=>  c >= ceil(A / D)
+        -((-a).div_euclid(d))
+    } else {
+        // A - D c < 0  <=>  c >= floor(A / D) + 1
+        a.div_euclid(d) + 1
+    }
+}
+
+/// Nearest-kept-token plug-back index of every grid position, in O(L).
+///
+/// Writes to `out` (length `L = height * width`) the kept slot (0..M, kept
+/// tokens numbered in raster order) of the kept token nearest in Euclidean
+/// distance, ties going to the kept token first in raster order: exactly the
+/// release's `argmin` over the L x M squared-distance matrix. Returns `Some(M)`,
+/// or `None` when no token is kept (the forced ends normally prevent that).
+///
+/// An exact Euclidean distance transform: per column, the nearest kept row
+/// (ties to the upper row, which is also first in raster order); then per row a
+/// Felzenszwalb-Huttenlocher lower envelope over the columns in exact i64
+/// arithmetic, where a later column's parabola overtakes an earlier one at a
+/// single integer threshold that already includes the raster-order tie-break.
+/// `scratch` needs [`plug_back_scratch_len`]`(width)` entries (the envelope).
+///
+/// # Panics
+/// If `mask` or `out` is not `height * width` long or `scratch` is too short.
+pub fn plug_back(
+    mask: &[bool],
+    height: usize,
+    width: usize,
+    out: &mut [u32],
+    scratch: &mut [u32],
+) -> Option<usize> {
+    let l = height * width;
+    assert!(
+        mask.len() == l && out.len() == l,
+        "plug_back: mask/out must be height*width long"
+    );
+    assert!(
+        scratch.len() >= plug_back_scratch_len(width),
+        "plug_back: scratch too short"
+    );
+    assert!(l < NONE as usize, "plug_back: grid too large");
+    let m = mask.iter().filter(|&&k| k).count();
+    if m == 0 {
+        return None;
+    }
+    let w = width;
+
+    // 1. Column pass: out[r, c] = raster index of the nearest kept token in
+    //    column c (ties to the upper one), or NONE if the column has none.
+    for c in 0..w {
+        let mut above = NONE; // row of the last kept token at or above r
+        for r in 0..height {
+            if mask[r * w + c] {
+                above = r as u32;
+            }
+            out[r * w + c] = above;
+        }
+        let mut below = NONE; // row of the first kept token at or below r
+        for r in (0..height).rev() {
+            if mask[r * w + c] {
+                below = r as u32;
+            }
+            let a = out[r * w + c];
+            let best = if a == NONE {
+                below
+            } else if below == NONE || (r as u32 - a) <= (below - r as u32) {
+                a
+            } else {
+                below
+            };
+            out[r * w + c] = if best == NONE {
+                NONE
+            } else {
+                best * w as u32 + c as u32
+            };
+        }
+    }
+
+    // 2. Row pass: lower envelope of the parabolas (c - q)^2 + f_q over the
+    //    columns q that have a candidate; the envelope keeps each parabola's
+    //    candidate raster index and first winning column.
+    let (cand, start) = scratch[..2 * w].split_at_mut(w);
+    for r in 0..height {
+        let row = &mut out[r * w..(r + 1) * w];
+        let ri = r as i64;
+        let sq_row_dist = |k: u32| {
+            let d = ri - (k as usize / w) as i64;
+            d * d
+        };
+        let mut top = 0usize;
+        for (q, &kq) in row.iter().enumerate() {
+            if kq == NONE {
+                continue;
+            }
+            let fq = sq_row_dist(kq);
+            loop {
+                if top == 0 {
+                    cand[0] = kq;
+                    start[0] = 0;
+                    top = 1;
+                    break;
+                }
+                let kv = cand[top - 1];
+                let v = (kv as usize % w) as i64;
+                let s = beats_from(v, sq_row_dist(kv), kv, q as i64, fq, kq);
+                if s <= start[top - 1] as i64 {
+                    top -= 1;
+                    continue;
+                }
+                if s < w as i64 {
+                    cand[top] = kq;
+                    start[top] = s as u32;
+                    top += 1;
+                }
+                break;
+            }
+        }
+        // Every row has a candidate in each column holding a kept token.
+        debug_assert!(top > 0);
+        let mut k = 0;
+        for (c, o) in row.iter_mut().enumerate() {
+            while k + 1 < top && start[k + 1] as usize <= c {
+                k += 1;
+            }
+            *o = cand[k];
+        }
+    }
+
+    // 3. Raster index -> kept slot. A kept token is its own nearest, so its
+    //    entry can be overwritten with its slot first; the other entries then
+    //    look their kept token's slot up.
+    let mut slot = 0u32;
+    for (o, &k) in out.iter_mut().zip(mask) {
+        if k {
+            *o = slot;
+            slot += 1;
+        }
+    }
+    for i in 0..l {
+        if !mask[i] {
+            out[i] = out[out[i] as usize];
+        }
+    }
+    Some(m)
+}
+
+/// Brute-force plug-back, the release's definition: for each position the
+/// `argmin` (first minimum) over the kept tokens in raster order of the f32
+/// squared distance (exact for grids below 2896 per side). O(L M); allocates
+/// the kept list. A test oracle for [`plug_back`]; same contract.
+///
+/// # Panics
+/// If `mask` or `out` is not `height * width` long.
+pub fn plug_back_brute(
+    mask: &[bool],
+    height: usize,
+    width: usize,
+    out: &mut [u32],
+) -> Option<usize> {
+    let l = height * width;
+    assert!(
+        mask.len() == l && out.len() == l,
+        "plug_back_brute: bad lengths"
+    );
+    let kept: alloc::vec::Vec<(f32, f32)> = (0..l)
+        .filter(|&i| mask[i])
+        .map(|i| row_col(i as u32, width))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        let (r, c) = row_col(i as u32, width);
+        let mut best = f32::INFINITY;
+        let mut arg = 0u32;
+        for (j, &(kr, kc)) in kept.iter().enumerate() {
+            let d = (r - kr) * (r - kr) + (c - kc) * (c - kc);
+            if d < best {
+                best = d;
+                arg = j as u32;
+            }
+        }
+        *o = arg;
+    }
+    Some(kept.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use quickcheck::{Arbitrary, Gen, QuickCheck, TestResult};
+
+    // ---------- plug-back ----------
+
+    #[derive(Clone, Debug)]
+    struct Grid {
+        h: usize,
+        w: usize,
+        mask: Vec<bool>,
+    }
+
+    fn side(g: &mut Gen) -> usize {
+        // Favour small and edge sizes, up to 64.
+        match u8::arbitrary(g) % 8 {
+            0 | 1 => 1 + usize::arbitrary(g) % 4,
+            2 => 56 + usize::arbitrary(g) % 9,
+            _ => 1 + usize::arbitrary(g) % 40,
+        }
+    }
+
+    impl Arbitrary for Grid {
+        fn arbitrary(g: &mut Gen) -> Self {
+            let h = side(g);
+            let w = side(g);
+            let l = h * w;
+            let mode = u8::arbitrary(g) % 10;
+            let dens = [1u32, 10, 100, 500, 900][usize::arbitrary(g) % 5];
+            let k = 1 + usize::arbitrary(g) % 7;
+            let mut mask: Vec<bool> = (0..l)
+                .map(|i| {
+                    let (r, c) = (i / w, i % w);
+                    match mode {
+                        0 => true,
+                        1 => false,
+                        2 => r % k == 0 && c % k == 0,
+                        3 => (r + c) % k == 0,
+                        4 => r % k == 0 || c % k == 0,
+                        _ => u32::arbitrary(g) % 1000 < dens,
+                    }
+                })
+                .collect();
+            // Symmetrise to create many exact ties.
+            if mode >= 7 {
+                let snapshot = mask.clone();
+                for (i, mi) in mask.iter_mut().enumerate() {
+                    let (r, c) = (i / w, i % w);
+                    let mirrors = [
+                        r * w + (w - 1 - c),
+                        (h - 1 - r) * w + c,
+                        (h - 1 - r) * w + (w - 1 - c),
+                    ];
+                    let which = mode as usize - 7;
+                    if snapshot[mirrors[which]] {
+                        *mi = true;
+                    }
+                }
+            }
+            // Usually force the ends like the router does.
+            if l > 0 && (mode == 1 || bool::arbitrary(g)) {
+                mask[0] = true;
+                mask[l - 1] = true;
+            }
+            Grid { h, w, mask }
+        }
+    }
+
+    fn check_grid(g: &Grid) -> bool {
+        let l = g.h * g.w;
+        let mut a = vec![0u32; l];
+        let mut b = vec![0u32; l];
+        let mut scratch = vec![0u32; plug_back_scratch_len(g.w)];
+        let ra = plug_back(&g.mask, g.h, g.w, &mut a, &mut scratch);
+        let rb = plug_back_brute(&g.mask, g.h, g.w, &mut b);
+        ra == rb && (ra.is_none() || a == b)
+    }
+
+    fn prop_plug_back(g: Grid) -> TestResult {
+        TestResult::from_bool(check_grid(&g))
+    }
+
+    #[test]
+    fn plug_back_matches_brute_random() {
+        QuickCheck::new()
+            .tests(2500)
+            .quickcheck(prop_plug_back as fn(Grid) -> TestResult);
+    }
+
+    #[test]
+    fn plug_back_adversarial_ties() {
+        let mut grids = Vec::new();
+        // Two or four tokens placed symmetrically: every midpoint is a tie.
+        for (h, w) in [(1, 1), (1, 7), (7, 1), (8, 8), (9, 9), (5, 12), (13, 4)] {
+            let l = h * w;
+            let sets: Vec<Vec<usize>> = vec![
+                vec![0, l - 1],
+                vec![0, w - 1, (h - 1) * w, l - 1],
+                vec![w - 1, (h - 1) * w],
+                vec![(h / 2) * w, (h / 2) * w + w - 1],
+                vec![w / 2, (h - 1) * w + w / 2],
+                vec![(h / 2) * w + w / 2],
+            ];
+            for s in sets {
+                let mut mask = vec![false; l];
+                for i in s {
+                    mask[i] = true;
+                }
+                grids.push(Grid { h, w, mask });
+            }
+        }
+        // Rings, diamonds and knight patterns around a centre (tie-rich).
+        for n in [3usize, 4, 6, 11, 17, 32] {
+            for pat in 0..4 {
+                let mut mask = vec![false; n * n];
+                let c = (n / 2) as i64;
+                for r in 0..n {
+                    for q in 0..n {
+                        let (dr, dq) = (r as i64 - c, q as i64 - c);
+                        mask[r * n + q] = match pat {
+                            0 => dr.abs() + dq.abs() == c,                          // diamond
+                            1 => dr * dr + dq * dq == 5 || dr * dr + dq * dq == 25, // knight rings
+                            2 => dr.abs().max(dq.abs()) == c / 2,                   // square ring
+                            _ => (dr * dr + dq * dq) % 7 == 1,
+                        };
+                    }
+                }
+                grids.push(Grid { h: n, w: n, mask });
+            }
+        }
+        for g in &grids {
+            assert!(check_grid(g), "{g:?}");
+        }
+        // Every single-token and every two-token mask on small grids.
+        for (h, w) in [(3, 3), (4, 5), (6, 2), (1, 9)] {
+            let l = h * w;
+            for a in 0..l {
+                for b in a..l {
+                    let mut mask = vec![false; l];
+                    mask[a] = true;
+                    mask[b] = true;
+                    assert!(check_grid(&Grid { h, w, mask }));
+                }
+            }
+        }
+        // All 2^16 masks of a 4x4 grid.
+        for bits in 1u32..(1 << 16) {
+            let mask: Vec<bool> = (0..16).map(|i| bits >> i & 1 == 1).collect();
+            assert!(check_grid(&Grid { h: 4, w: 4, mask }));
+        }
+    }
+
+    #[test]
+    fn plug_back_known() {
+        // 1x5: kept at 0 and 4; position 2 is a tie -> token 0 (slot 0).
+        let mask = [true, false, false, false, true];
+        let mut out = [9u32; 5];
+        let mut s = [0u32; 10];
+        assert_eq!(plug_back(&mask, 1, 5, &mut out, &mut s), Some(2));
+        assert_eq!(out, [0, 0, 0, 1, 1]);
+        // 3x3 with kept at (0,2) and (2,0): the anti-diagonal ties go to (0,2).
+        let mask = [false, false, true, false, false, false, true, false, false];
+        let mut out = [9u32; 9];
+        let mut s = [0u32; 6];
+        assert_eq!(plug_back(&mask, 3, 3, &mut out, &mut s), Some(2));
+        assert_eq!(out, [0, 0, 0, 1, 0, 0, 1, 1, 0]);
+        let mask = [false; 4];
+        let mut out = [0u32; 4];
+        assert_eq!(plug_back(&mask, 2, 2, &mut out, &mut s), None);
+        assert_eq!(plug_back_brute(&mask, 2, 2, &mut out), None);
+    }
+
+    // ---------- smoothing ----------
+
+    /// Naive f64 reference with the explicit M x M weight matrix.
+    fn smooth_ref(
+        h: &[f64],
+        dim: usize,
+        p: &[f64],
+        pos: &[u32],
+        width: usize,
+        sigma: f64,
+    ) -> Vec<f64> {
+        let m = p.len();
+        let lo = P_CLAMP as f64;
+        let hi = P_CLAMP_HI as f64;
+        let c: Vec<f64> = p.iter().map(|&x| x.max(lo).min(hi)).collect();
+        let mut wm = vec![0f64; m * m];
+        for i in 0..m {
+            for j in 0..m {
+                let (ri, ci) = (
+                    (pos[i] as usize / width) as f64,
+                    (pos[i] as usize % width) as f64,
+                );
+                let (rj, cj) = (
+                    (pos[j] as usize / width) as f64,
+                    (pos[j] as usize % width) as f64,
+                );
+                let d = (ri - rj) * (ri - rj) + (ci - cj) * (ci - cj);
+                wm[i * m + j] = libm::exp(-d / (2.0 * sigma * sigma)) * c[j];
+            }
+            let s: f64 = wm[i * m..(i + 1) * m].iter().sum::<f64>() + 1e-8;
+            for j in 0..m {
+                wm[i * m + j] /= s;
+            }
+        }
+        let mut out = vec![0f64; m * dim];
+        for i in 0..m {
+            for d in 0..dim {
+                let sm: f64 = (0..m).map(|j| wm[i * m + j] * h[j * dim + d]).sum();
+                out[i * dim + d] = c[i] * h[i * dim + d] + (1.0 - c[i]) * sm;
+            }
+        }
+        out
+    }
+
+    #[derive(Clone, Debug)]
+    struct SmoothCase {
+        width: usize,
+        dim: usize,
+        sigma: f32,
+        h: Vec<f32>,
+        p: Vec<f32>,
+        pos: Vec<u32>,
+    }
+
+    fn unit(g: &mut Gen) -> f32 {
+        (u32::arbitrary(g) % 2_000_001) as f32 / 1e6 - 1.0
+    }
+
+    impl SmoothCase {
+        fn gen(g: &mut Gen, max_side: usize, interior_p: bool) -> Self {
+            let height = 1 + usize::arbitrary(g) % max_side;
+            let width = 1 + usize::arbitrary(g) % max_side;
+            let l = height * width;
+            let dim = 1 + usize::arbitrary(g) % 9;
+            let sigma = [0.5f32, 1.0, 2.0, 1.3][usize::arbitrary(g) % 4];
+            let dens = 1 + u32::arbitrary(g) % 100;
+            let mut pos: Vec<u32> = (0..l as u32)
+                .filter(|_| u32::arbitrary(g) % 100 < dens)
+                .collect();
+            if pos.is_empty() {
+                pos.push(0);
+            }
+            let m = pos.len();
+            let p = (0..m)
+                .map(|_| {
+                    let x = (u32::arbitrary(g) % 1_000_001) as f32 / 1e6;
+                    if interior_p {
+                        0.01 + 0.98 * x
+                    } else {
+                        match u8::arbitrary(g) % 6 {
+                            0 => 1.0,
+                            1 => 0.0,
+                            2 => 0.5,
+                            _ => x,
+                        }
+                    }
+                })
+                .collect();
+            let h = (0..m * dim).map(|_| unit(g) * 3.0).collect();
+            SmoothCase {
+                width,
+                dim,
+                sigma,
+                h,
+                p,
+                pos,
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    struct Big(SmoothCase);
+    impl Arbitrary for Big {
+        fn arbitrary(g: &mut Gen) -> Self {
+            Big(SmoothCase::gen(g, 24, false))
+        }
+    }
+
+    fn prop_smooth(c: Big) -> TestResult {
+        let c = c.0;
+        let m = c.p.len();
+        let mut out = vec![0f32; m * c.dim];
+        smooth(&c.h, c.dim, &c.p, &c.pos, c.width, c.sigma, &mut out);
+        let h64: Vec<f64> = c.h.iter().map(|&x| x as f64).collect();
+        let p64: Vec<f64> = c.p.iter().map(|&x| x as f64).collect();
+        let want = smooth_ref(&h64, c.dim, &p64, &c.pos, c.width, c.sigma as f64);
+        let scale = h64.iter().fold(1f64, |a, &b| a.max(b.abs()));
+        let ok = out
+            .iter()
+            .zip(&want)
+            .all(|(&a, &b)| (a as f64 - b).abs() <= 2e-6 * scale);
+        TestResult::from_bool(ok)
+    }
+
+    #[test]
+    fn smooth_matches_naive_f64() {
+        QuickCheck::new()
+            .tests(300)
+            .quickcheck(prop_smooth as fn(Big) -> TestResult);
+    }
+
+    #[test]
+    fn smooth_known_values() {
+        // Two tokens at (0,0) and (0,1), sigma 1: K_01 = exp(-1/2).
+        let h = [1.0f32, 3.0];
+        let p = [0.5f32, 1.0];
+        let pos = [0u32, 1];
+        let mut out = [0f32; 2];
+        smooth(&h, 1, &p, &pos, 4, 1.0, &mut out);
+        let k = libm::exp(-0.5);
+        let c1 = P_CLAMP_HI as f64;
+        let s0 = 0.5 + k * c1;
+        let sm0 = (0.5 * 1.0 + k * c1 * 3.0) / (s0 + 1e-8);
+        let s1 = k * 0.5 + c1;
+        let sm1 = (k * 0.5 * 1.0 + c1 * 3.0) / (s1 + 1e-8);
+        let want = [0.5 * 1.0 + 0.5 * sm0, c1 * 3.0 + (1.0 - c1) * sm1];
+        for (a, b) in out.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{a} {b}");
+        }
+        assert_eq!(P_CLAMP_HI, 0.9999f32);
+    }
+
+    // ---------- backward vs central finite differences (f64) ----------
+
+    #[derive(Clone, Debug)]
+    struct Small(SmoothCase, Vec<f32>);
+    impl Arbitrary for Small {
+        fn arbitrary(g: &mut Gen) -> Self {
+            let interior = bool::arbitrary(g) || bool::arbitrary(g);
+            let c = SmoothCase::gen(g, 6, interior);
+            let go = (0..c.h.len()).map(|_| unit(g)).collect();
+            Small(c, go)
+        }
+    }
+
+    fn prop_backward(s: Small) -> TestResult {
+        let Small(c, go) = s;
+        let m = c.p.len();
+        let dim = c.dim;
+        let mut gh = vec![7f32; m * dim];
+        let mut gp = vec![7f32; m];
+        smooth_backward(
+            &c.h, dim, &c.p, &c.pos, c.width, c.sigma, &go, &mut gh, &mut gp,
+        );
+        let h64: Vec<f64> = c.h.iter().map(|&x| x as f64).collect();
+        let p64: Vec<f64> = c.p.iter().map(|&x| x as f64).collect();
+        let go64: Vec<f64> = go.iter().map(|&x| x as f64).collect();
+        let loss = |h: &[f64], p: &[f64]| -> f64 {
+            smooth_ref(h, dim, p, &c.pos, c.width, c.sigma as f64)
+                .iter()
+                .zip(&go64)
+                .map(|(a, b)| a * b)
+                .sum()
+        };
+        let eps = 1e-6;
+        let mut ok = true;
+        for k in 0..m * dim {
+            let mut hp = h64.clone();
+            hp[k] += eps;
+            let mut hm = h64.clone();
+            hm[k] -= eps;
+            let fd = (loss(&hp, &p64) - loss(&hm, &p64)) / (2.0 * eps);
+            ok &= (gh[k] as f64 - fd).abs() <= 1e-4 * (1.0 + fd.abs());
+        }
+        for k in 0..m {
+            let pk = p64[k];
+            let lo = P_CLAMP as f64;
+            let hi = P_CLAMP_HI as f64;
+            if pk <= lo || pk >= hi {
+                // Clamp active (or on its edge): torch gives 0 strictly outside.
+                if pk < lo || pk > hi {
+                    ok &= gp[k] == 0.0;
+                }
+                continue;
+            }
+            let e = eps.min((pk - lo) / 2.0).min((hi - pk) / 2.0);
+            let mut pp = p64.clone();
+            pp[k] += e;
+            let mut pm = p64.clone();
+            pm[k] -= e;
+            let fd = (loss(&h64, &pp) - loss(&h64, &pm)) / (2.0 * e);
+            let tol = 2e-4 * (1.0 + fd.abs());
+            ok &= (gp[k] as f64 - fd).abs() <= tol;
+        }
+        TestResult::from_bool(ok)
+    }
+
+    #[test]
+    fn smooth_backward_matches_finite_differences() {
+        QuickCheck::new()
+            .tests(300)
+            .quickcheck(prop_backward as fn(Small) -> TestResult);
+    }
+}

@@ -26,6 +26,7 @@ pub mod dechunk;
 pub mod embed;
 pub mod error;
 pub mod flops;
+pub mod rng;
 pub mod model;
 pub mod ratio_loss;
 pub mod router;

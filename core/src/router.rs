@@ -145,7 +145,10 @@ pub fn tail_drop_batch_with_scratch(
     if p.is_empty() {
         return 0;
     }
-    assert!(l > 0 && p.len() % l == 0, "tail_drop_batch: bad sample length");
+    assert!(
+        l > 0 && p.len().is_multiple_of(l),
+        "tail_drop_batch: bad sample length"
+    );
     let b = p.len() / l;
     assert!(
         fractions.len() == 1 || fractions.len() == b,
@@ -214,7 +217,10 @@ pub fn l2_normalize_rows(x: &mut [f32], dim: usize) {
     if dim == 0 {
         return;
     }
-    assert!(x.len() % dim == 0, "l2_normalize_rows: ragged rows");
+    assert!(
+        x.len().is_multiple_of(dim),
+        "l2_normalize_rows: ragged rows"
+    );
     for row in x.chunks_exact_mut(dim) {
         let ss: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
         let n = (libm::sqrt(ss) as f32).max(1e-12);
@@ -321,7 +327,7 @@ mod tests {
         let f = if fraction.is_nan() {
             0.0
         } else {
-            fraction.max(0.0).min(1.0)
+            fraction.clamp(0.0, 1.0)
         };
         let n = libm::floorf((idx.len() as f32) * f) as usize;
         for &i in &idx[..n] {
@@ -424,7 +430,7 @@ mod tests {
         assert!((p[0] - 0.0).abs() < 1e-7); // identical directions
         assert_eq!(p[1], 0.5); // zero vector: orthogonal to everything
         assert!((p[2] - 1.0).abs() < 1e-6); // opposite directions
-        // Norm of normalised random rows is 1.
+                                            // Norm of normalised random rows is 1.
         let mut x: Vec<f32> = (0..40).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
         l2_normalize_rows(&mut x, 8);
         for r in x.chunks(8) {

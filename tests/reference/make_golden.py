@@ -2,6 +2,8 @@
 
     pip install torch safetensors pyyaml numpy
     python3 tests/reference/make_golden.py            # writes tests/golden/{forward,grad}/...
+    python3 tests/reference/make_golden.py dit_p2 pred_e64   # only these cases (the others'
+                                                             # files and summary entries stay)
 
 Deterministic: every case has a fixed seed (torch.Generator on the CPU), and the search
 for a router bias / cosine-router scale is a deterministic scan. The layout of every case
@@ -128,18 +130,26 @@ def interior(t):
     return t[:, 1:-1]
 
 
-def choose_bias(logit0, dtype, lo=0.25, hi=0.55):
+def choose_bias(logit0, dtype, lo=0.25, hi=0.55, spread=False):
     """Candidate biases (exactly representable in the storage dtype) sorted by decreasing
-    margin min|logit0 + b| over the non-forced tokens, subject to the boundary fraction."""
-    v = interior(logit0).flatten().double()
+    margin min|logit0 + b| over the non-forced tokens, subject to the boundary fraction.
+    With spread=True, candidates with a margin >= 1e-3 come first, ordered by the spread
+    of the per-sample boundary counts (max/min)."""
+    li = interior(logit0).double()
+    v = li.flatten()
     cands = []
     for b in np.linspace(-float(v.max()), -float(v.min()), 4001):
         bq = float(torch.tensor(b).to(DTYPES[dtype]).float())
         l = v + bq
         frac = (l > 0).double().mean().item()
         if lo <= frac <= hi:
-            cands.append((l.abs().min().item(), bq, frac))
-    cands.sort(key=lambda c: -c[0])
+            counts = ((li + bq) > 0).sum(1) + 2
+            sp = (counts.max() / counts.min()).item()
+            cands.append((l.abs().min().item(), bq, frac, sp))
+    if spread:
+        cands.sort(key=lambda c: (c[0] < 1e-3, -c[3], -c[0]))
+    else:
+        cands.sort(key=lambda c: -c[0])
     seen, out = set(), []
     for c in cands:
         if c[1] not in seen:
@@ -200,6 +210,16 @@ def dir_size(d):
 
 
 SUMMARY = []
+ONLY = set()  # case names given on the command line (empty: regenerate every case)
+OLD_SUMMARY = {}
+
+
+def keep_summary(kind, name):
+    """A case that is not regenerated keeps its files and its entry of summary.json."""
+    e = OLD_SUMMARY.get((kind, name))
+    if e is None:
+        raise RuntimeError(f"{kind}/{name} is not in summary.json; regenerate it too")
+    SUMMARY.append((kind, name, e))
 
 
 def finish(kind, name, d, info):
@@ -217,7 +237,7 @@ def gen_inputs(g, B, C, H, W, t_list, y_list, x_scale=None):
     return x, t, y
 
 
-def tune_weights(cfg, sd0, dtype, x, t, y, tail, lo=0.25, hi=0.55, cos_alphas=None, g=None):
+def tune_weights(cfg, sd0, dtype, x, t, y, tail, lo=0.25, hi=0.55, cos_alphas=None, spread=False):
     """Return final f32 weights (already rounded to the storage dtype) whose router
     decisions are robust (see margins_ok)."""
     if cfg.name != "DC-DiT":
@@ -228,7 +248,7 @@ def tune_weights(cfg, sd0, dtype, x, t, y, tail, lo=0.25, hi=0.55, cos_alphas=No
         sd[key] = torch.zeros_like(sd[key])
         m = make_model(cfg, sd)
         logit0 = router_logits(m, x, t.long(), y.long())
-        for margin, b, frac in choose_bias(logit0, dtype, lo, hi):
+        for margin, b, frac, _ in choose_bias(logit0, dtype, lo, hi, spread):
             sd[key] = torch.full_like(sd[key], b)
             m = make_model(cfg, sd)
             with torch.no_grad():
@@ -256,14 +276,44 @@ def tune_weights(cfg, sd0, dtype, x, t, y, tail, lo=0.25, hi=0.55, cos_alphas=No
     raise RuntimeError(f"no robust cosine-router scale found (last: {best})")
 
 
-def forward_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list, x_scale=None,
-                 cos_alphas=(0.5, 0.45, 0.55, 0.4, 0.6, 0.35, 0.65, 0.3, 0.7), lo=0.25, hi=0.55):
+def rel_change(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+def cond_proj_effect(cfg, sd, x, t, y, tail, res):
+    """How much `out` changes when the conv blocks' cond_proj (weights and biases) is zeroed:
+    in all blocks, in the encoder only and in the decoder only. Returns a dict of relative
+    changes ||out' - out|| / ||out|| and whether the kept mask moved."""
+    eff = {}
+    for part, prefix in (("all", "hnet."), ("encoder", "hnet.encoder."), ("decoder", "hnet.decoder.")):
+        keys = [k for k in sd if k.startswith(prefix) and ".cond_proj." in k]
+        assert keys, part
+        sdz = dict(sd)
+        for k in keys:
+            sdz[k] = torch.zeros_like(sd[k])
+        rz = make_model(cfg, sdz)(x, t.long(), y.long(), tail)
+        eff[part] = {"rel_out": rel_change(rz["out"], res["out"]),
+                     "rel_p": rel_change(rz["boundary_prob"], res["boundary_prob"]),
+                     "same_mask": bool(torch.equal(rz["boundary_mask"], res["boundary_mask"]))}
+    return eff
+
+
+def forward_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list, x_scale=None, x_fn=None,
+                 cos_alphas=(0.15, 0.1, 0.2, 0.05, 0.25, 0.0, 0.3), lo=0.25, hi=0.55,
+                 scale_keys=None, spread=False, check_cond_proj=False):
+    if ONLY and name not in ONLY:
+        return keep_summary("forward", name)
     cfg = R.config_from_dict(cfgd)
     g = torch.Generator().manual_seed(seed)
     sd0 = random_state(R.build_model(cfg), g)
+    for k, f in (scale_keys or {}).items():
+        sd0[k] = sd0[k] * f
     x, t, y = gen_inputs(g, B, cfg.in_channels, cfg.latent_height, cfg.latent_width, t_list, y_list,
                          x_scale)
-    sd = tune_weights(cfg, sd0, dtype, x, t, y, tail, lo, hi, cos_alphas, g)
+    if x_fn is not None:
+        x = x_fn(x)
+    sd = tune_weights(cfg, sd0, dtype, x, t, y, tail, lo, hi, cos_alphas, spread)
     d = os.path.join(GOLDEN, "forward", name)
     sd = write_common(d, cfgd, sd, dtype)
     m = make_model(cfg, sd)
@@ -282,13 +332,27 @@ def forward_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list, x_scale=No
         ok, why = margins_ok(res["boundary_prob"], res["natural_mask"], tail)
         assert ok, why
         info["min|p-0.5|"] = float((interior(res["boundary_prob"]) - 0.5).abs().min())
+    if check_cond_proj:
+        # The case must really test cond_proj: zeroing it (everywhere, and in the encoder or
+        # the decoder alone) has to move `out` by more than 1e-3 relative. The decoder's
+        # cond_proj does not reach the router, so its check is free of mask effects; the
+        # encoder's also has to move the router's p (before any masking) by more than 1e-3.
+        eff = cond_proj_effect(cfg, sd, x, t, y, tail, res)
+        for part, e in eff.items():
+            assert e["rel_out"] > 1e-3, (name, part, e)
+        assert eff["decoder"]["same_mask"], eff
+        assert eff["encoder"]["rel_p"] > 1e-3, eff
+        info["cond_proj_rel_out"] = {part: float(f"{e['rel_out']:.3g}") for part, e in eff.items()}
     save_file(exp, os.path.join(d, "expected.safetensors"))
     with open(os.path.join(d, "case.json"), "w") as f:
         json.dump({"tail_drop": tail, "seed": seed, "weights_dtype": dtype}, f)
     finish("forward", name, d, info)
 
 
-def grad_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list, cos_alphas=(0.5, 0.45, 0.55, 0.4, 0.6)):
+def grad_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list,
+              cos_alphas=(0.15, 0.1, 0.2, 0.05, 0.25, 0.0, 0.3)):
+    if ONLY and name not in ONLY:
+        return keep_summary("grad", name)
     cfg = R.config_from_dict(cfgd)
     g = torch.Generator().manual_seed(seed)
     sd0 = random_state(R.build_model(cfg), g)
@@ -296,7 +360,7 @@ def grad_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list, cos_alphas=(0
     noise = torch.randn(x.shape, generator=g)
     diff = R.Diffusion.linear(cfg.diffusion_steps)
     xt = diff.q_sample(x, t.long(), noise)  # the router sees x_t
-    sd = tune_weights(cfg, sd0, dtype, xt, t, y, tail, 0.25, 0.55, cos_alphas, g)
+    sd = tune_weights(cfg, sd0, dtype, xt, t, y, tail, 0.25, 0.55, cos_alphas)
     d = os.path.join(GOLDEN, "grad", name)
     sd = write_common(d, cfgd, sd, dtype)
     m = make_model(cfg, sd)
@@ -326,6 +390,22 @@ def grad_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list, cos_alphas=(0
         "vb": round(res["vb"].item(), 6), "ratio": round(res["ratio"].item(), 6)})
 
 
+def textures(x):
+    """Four very different latents: white noise, a checkerboard, a step edge, a ramp (the
+    last three with a little noise), so that the router keeps different numbers of tokens.
+    (Scaling an input does not do it: GroupNorm / RMSNorm make the router scale-invariant.)"""
+    B, C, H, W = x.shape
+    rr = torch.arange(H).float()[:, None].expand(H, W)
+    cc = torch.arange(W).float()[None].expand(H, W)
+    pats = [
+        x[0] * 1.5,
+        torch.stack([((rr + cc) % 2 * 2 - 1) * (1 + 0.1 * k) for k in range(C)]) + 0.05 * x[1],
+        torch.stack([(cc >= W // 2).float() * 3 * (1 if k % 2 else -1) for k in range(C)]) + 0.05 * x[2],
+        torch.stack([(cc * 0.5 - rr * 0.3) * (1 + k) for k in range(C)]) + 0.05 * x[3],
+    ]
+    return torch.stack(pats[:B]).contiguous()
+
+
 # --------------------------------------------------------------------------------------
 # The cases
 # --------------------------------------------------------------------------------------
@@ -333,26 +413,38 @@ def grad_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list, cos_alphas=(0
 
 def main():
     os.makedirs(GOLDEN, exist_ok=True)
+    ONLY.update(sys.argv[1:])
+    if ONLY:
+        with open(os.path.join(GOLDEN, "summary.json")) as f:
+            for e in json.load(f):
+                e = dict(e)
+                kind, name = e.pop("kind"), e.pop("case")
+                OLD_SUMMARY[(kind, name)] = e
     train = {"downsample_factor": 4.0, "ratio_loss_weight": 0.03, "ratio_batch_size": None}
 
     forward_case("pred_sq8", cfg_dict(d=32, heads=4, factor=[1, None], grid=(8, 8)),
                  seed=1001, B=3, dtype="f16", tail=0.0, t_list=[999, 417, 3], y_list=[7, 2, 10])
     forward_case("pred_rect_drop", cfg_dict(d=32, heads=2, factor=None, grid=(6, 10)),
                  seed=1002, B=4, dtype="bf16", tail=0.3, t_list=[10, 250, 600, 900],
-                 y_list=[0, 5, 9, 10], x_scale=[0.05, 1.0, 4.0, 25.0], lo=0.25, hi=0.6)
+                 y_list=[0, 5, 9, 10], x_fn=textures, lo=0.2, hi=0.6, spread=True,
+                 scale_keys={"hnet.routing_module.residual_scorer.0.weight": 0.003})
     forward_case("pred_perSample", cfg_dict(d=32, heads=4, factor=None, grid=(7, 5), sigma=2.0),
                  seed=1003, B=3, dtype="f16", tail=[0.0, 0.5, 0.9], t_list=[100, 500, 900],
                  y_list=[1, 10, 4])
-    forward_case("cos_sq8", cfg_dict(d=32, heads=4, factor=None, grid=(8, 8), router="cosine",
-                                     layout=("c1", "D2", "c1")),
-                 seed=1004, B=3, dtype="f32", tail=0.0, t_list=[0, 333, 999], y_list=[3, 8, 10])
+    forward_case("cos_sq8", cfg_dict(d=32, heads=4, factor=None, grid=(8, 8), router="cosine"),
+                 seed=1004, B=3, dtype="f16", tail=0.0, t_list=[0, 333, 999], y_list=[3, 8, 10])
     forward_case("cos_rect_drop", cfg_dict(d=32, heads=2, factor=None, grid=(9, 7), router="cosine",
-                                           learn_sigma=False),
+                                           learn_sigma=False, mlp_ratio=2.0),
                  seed=1005, B=3, dtype="f16", tail=0.3, t_list=[50, 500, 950], y_list=[6, 10, 1],
                  x_scale=[0.3, 1.0, 3.0])
     forward_case("dit_p2", cfg_dict(d=32, heads=4, grid=(8, 8), name="DiT", patch_size=2,
-                                    layout=("D2",)),
-                 seed=1006, B=2, dtype="f32", tail=0.0, t_list=[20, 700], y_list=[4, 10])
+                                    layout=("D2",), mlp_ratio=2.0),
+                 seed=1006, B=2, dtype="f16", tail=0.0, t_list=[20, 700], y_list=[4, 10])
+    # E = D = 64: GroupNorm(32, 64) has 2 channels per group, so the conv blocks' cond_proj
+    # matters (with E = 32 it has no effect at all).
+    forward_case("pred_e64", cfg_dict(d=64, heads=4, factor=[1, None], grid=(6, 5)),
+                 seed=1007, B=2, dtype="f16", tail=0.2, t_list=[150, 800], y_list=[3, 10],
+                 lo=0.3, hi=0.55, check_cond_proj=True)
 
     grad_case("grad_pred", cfg_dict(d=32, heads=4, factor=None, grid=(8, 8), training=train),
               seed=2001, B=3, dtype="f16", tail=0.0, t_list=[0, 640, 37], y_list=[1, 10, 6])
@@ -360,6 +452,8 @@ def main():
                                         training=train),
               seed=2002, B=3, dtype="f16", tail=0.25, t_list=[0, 300, 875], y_list=[9, 2, 10])
 
+    unknown = ONLY - {n for _, n, _ in SUMMARY}
+    assert not unknown, f"unknown cases: {sorted(unknown)}"
     with open(os.path.join(GOLDEN, "summary.json"), "w") as f:
         json.dump([{"kind": k, "case": n, **i} for k, n, i in SUMMARY], f, indent=1)
     print(f"total bytes under {GOLDEN}: {dir_size(GOLDEN)}")

@@ -37,7 +37,7 @@ impl DcDit {
     pub fn new(s: &ModelSpec, reg: &mut Registry) -> Self {
         let (d, e) = (s.width_d, s.enc_dim);
         let x_embed = Conv::new(reg, "x_embedder.proj", s.in_channels, e, 3);
-        let cond = Conditioning::new(reg, d, s.num_classes);
+        let cond = Conditioning::new(reg, d, s.num_classes, s.null_class);
         let pos_embed = reg.buffer("pos_embed", &[1, s.tokens(), d]);
         let encoder = ConvStack::new(reg, "hnet.encoder", s.encoder.len(), e, d, d, true);
         let residual = Linear::new(reg, "hnet.residual_proj", d, d, true);
@@ -160,10 +160,11 @@ impl DcDit {
         cx.flops.add(Component::Dechunk, lens.map(|m| 2 * (m * m * self.d) as u64).sum());
         let sm = cx.b.dechunk_smooth(&z, &pk, &pos, self.width, self.sigma, &seg)?;
         let mut plug = vec![0u32; batch * l];
-        let mut pb_scratch = dechunk::PlugBackScratch::new(self.height, self.width);
+        let mut pb_scratch = vec![0u32; dechunk::plug_back_scratch_len(self.width)];
         for s in 0..batch {
             let out = &mut plug[s * l..(s + 1) * l];
-            dechunk::plug_back(&mask[s * l..(s + 1) * l], self.height, self.width, out, &mut pb_scratch)?;
+            dechunk::plug_back(&mask[s * l..(s + 1) * l], self.height, self.width, out, &mut pb_scratch)
+                .ok_or_else(|| Error::input("plug-back: a sample kept no token"))?;
             for v in out.iter_mut() {
                 *v += seg[s] as u32;
             }

@@ -33,7 +33,7 @@ impl Dit {
         let (d, p) = (s.width_d, s.patch);
         let patch_w = reg.param("x_embedder.proj.weight", &[d, s.in_channels, p, p], ParamLayout::ConvOihw);
         let patch_b = reg.param("x_embedder.proj.bias", &[d], ParamLayout::Plain);
-        let cond = Conditioning::new(reg, d, s.num_classes);
+        let cond = Conditioning::new(reg, d, s.num_classes, s.null_class);
         let n = s.tokens() / (p * p);
         let pos_embed = reg.buffer("pos_embed", &[1, n, d]);
         let blocks = s

@@ -110,29 +110,37 @@ pub struct Conditioning {
     t2: Linear,
     table: ParamId,
     num_classes: usize,
+    null_class: bool,
 }
 
 /// Width of the sinusoidal timestep features.
 pub const FREQ_DIM: usize = 256;
 
 impl Conditioning {
-    /// Registers `t_embedder.mlp.{0,2}` and `y_embedder.embedding_table`.
-    pub fn new(reg: &mut Registry, d: usize, num_classes: usize) -> Self {
+    /// Registers `t_embedder.mlp.{0,2}` and `y_embedder.embedding_table`
+    /// (`num_classes` rows, plus the null class when `null_class`).
+    pub fn new(reg: &mut Registry, d: usize, num_classes: usize, null_class: bool) -> Self {
         Conditioning {
             t0: Linear::new(reg, "t_embedder.mlp.0", FREQ_DIM, d, true),
             t2: Linear::new(reg, "t_embedder.mlp.2", d, d, true),
-            table: reg.param("y_embedder.embedding_table.weight", &[num_classes + 1, d], ParamLayout::Plain),
+            table: reg.param(
+                "y_embedder.embedding_table.weight",
+                &[num_classes + null_class as usize, d],
+                ParamLayout::Plain,
+            ),
             num_classes,
+            null_class,
         }
     }
 
     /// `(B, D)` conditioning for timesteps `t` and labels `y` (the null class is `num_classes`).
     pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, t: &[f32], y: &[u32]) -> Result<B::Tensor> {
-        if let Some(bad) = y.iter().find(|&&l| l as usize > self.num_classes) {
-            return Err(Error::input(format!(
-                "label {bad} out of range: {} classes plus the null class {}",
-                self.num_classes, self.num_classes
-            )));
+        let rows = self.num_classes + self.null_class as usize;
+        if let Some(bad) = y.iter().find(|&&l| l as usize >= rows) {
+            return Err(Error::input(match self.null_class {
+                true => format!("label {bad} out of range: {} classes plus the null class {}", self.num_classes, self.num_classes),
+                false => format!("label {bad} out of range: {} classes and no null class (class_dropout_prob is 0)", self.num_classes),
+            }));
         }
         let mut feats = vec![0.0f32; t.len() * FREQ_DIM];
         for (row, &tt) in feats.chunks_exact_mut(FREQ_DIM).zip(t) {

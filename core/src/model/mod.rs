@@ -17,6 +17,7 @@
 pub mod dcdit;
 pub mod dit;
 pub mod dry_run;
+pub mod init;
 pub mod layers;
 pub mod params;
 pub mod router;
