@@ -117,6 +117,7 @@ pub trait Backend: Clone {
     /// Storage precision of a tensor.
     fn dtype(&self, t: &Self::Tensor) -> DType;
     /// Uploads host data as a tensor of the given shape, stored as f32.
+    #[allow(clippy::wrong_self_convention)] // a device method, like candle's `Device::from_slice`
     fn from_f32(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
     /// Reads a tensor back to the host (an explicit synchronisation point).
     fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
@@ -146,8 +147,12 @@ pub trait Backend: Clone {
     ) -> Result<Self::Tensor>;
     /// Depthwise 3x3 convolution ("same" zero padding, no bias):
     /// `w (c, 9)`, output `(grid.rows(), c)`.
-    fn depthwise_conv3x3(&self, x: &Self::Tensor, grid: Grid, w: &Self::Tensor)
-        -> Result<Self::Tensor>;
+    fn depthwise_conv3x3(
+        &self,
+        x: &Self::Tensor,
+        grid: Grid,
+        w: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
 
     // ---- normalisation -------------------------------------------------
     /// GroupNorm over each sample's rows and the channels of each group, with
@@ -185,8 +190,12 @@ pub trait Backend: Clone {
 
     // ---- per-sample broadcasts over packed rows ---------------------------
     /// `x[r] + v[s]` for every row `r` of sample `s`: `x (rows, c)`, `v (S, c)`.
-    fn add_segment(&self, x: &Self::Tensor, v: &Self::Tensor, seg: Segments)
-        -> Result<Self::Tensor>;
+    fn add_segment(
+        &self,
+        x: &Self::Tensor,
+        v: &Self::Tensor,
+        seg: Segments,
+    ) -> Result<Self::Tensor>;
     /// adaLN modulation `x[r] * (1 + scale[s]) + shift[s]`, where `shift` and
     /// `scale` are the column blocks `shift_at` and `scale_at` (each `c` wide)
     /// of `ada (S, n*c)`.
@@ -214,8 +223,7 @@ pub trait Backend: Clone {
     fn gather_rows(&self, x: &Self::Tensor, idx: &[u32]) -> Result<Self::Tensor>;
     /// `out[idx[i]] += x[i]` into `rows` zero rows (the adjoint of
     /// [`Backend::gather_rows`]).
-    fn scatter_add_rows(&self, x: &Self::Tensor, idx: &[u32], rows: usize)
-        -> Result<Self::Tensor>;
+    fn scatter_add_rows(&self, x: &Self::Tensor, idx: &[u32], rows: usize) -> Result<Self::Tensor>;
 
     // ---- DC-DiT specific -------------------------------------------------
     /// Multi-head self-attention over a packed batch: `qkv (T, 3 d)` holding

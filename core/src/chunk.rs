@@ -137,6 +137,15 @@ mod tests {
         items.into_iter().map(|t| t.2 as u32).collect()
     }
 
+    /// Fails with the case printed (quickcheck 1.x only prints shrunk cases).
+    fn verdict<T: core::fmt::Debug>(ok: bool, case: &T) -> TestResult {
+        if ok {
+            TestResult::passed()
+        } else {
+            TestResult::error(alloc::format!("failing case: {case:?}"))
+        }
+    }
+
     fn prop_chunk(c: Case) -> TestResult {
         let l = c.p.len();
         let mut out = vec![0u32; l];
@@ -155,7 +164,7 @@ mod tests {
             let before = c.mask[..i].iter().filter(|&&b| b).count() as u32;
             ok &= rk == before;
         }
-        TestResult::from_bool(ok)
+        verdict(ok, &c)
     }
 
     #[test]

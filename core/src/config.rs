@@ -345,7 +345,7 @@ impl Config {
         let side = d.image_size / 8;
         let h = d.latent_height.unwrap_or(side);
         let w = d.latent_width.unwrap_or(side);
-        if d.latent_height.is_none() && d.image_size % 8 != 0 {
+        if d.latent_height.is_none() && !d.image_size.is_multiple_of(8) {
             return Err(Error::config(
                 "data.image_size",
                 format!("{} is not a multiple of 8", d.image_size),
@@ -399,7 +399,12 @@ impl Config {
             .as_ref()
             .and_then(|f| f.first().copied().flatten());
         let enc_dim = match factor {
-            Some(0) => return Err(Error::config("model.hnet.enc_dec_dim_factor", "must be > 0")),
+            Some(0) => {
+                return Err(Error::config(
+                    "model.hnet.enc_dec_dim_factor",
+                    "must be > 0",
+                ))
+            }
             Some(f) if d % f != 0 => {
                 return Err(Error::config(
                     "model.hnet.enc_dec_dim_factor",
@@ -412,7 +417,10 @@ impl Config {
         let in_channels = positive(m.in_channels, "model.in_channels")?;
         positive(self.data.num_classes, "data.num_classes")?;
         if !(m.mlp_ratio > 0.0 && m.mlp_ratio.is_finite()) {
-            return Err(Error::config("model.mlp_ratio", "must be a positive number"));
+            return Err(Error::config(
+                "model.mlp_ratio",
+                "must be a positive number",
+            ));
         }
         let mlp_hidden = (d as f32 * m.mlp_ratio) as usize;
         positive(mlp_hidden, "model.mlp_ratio")?;
@@ -445,11 +453,21 @@ impl Config {
                 ))
             }
         };
-        if encoder.iter().chain(&decoder).any(|b| *b != BlockKind::Conv) {
-            return Err(Error::config(field, "encoder/decoder must be conv blocks (c/C)"));
+        if encoder
+            .iter()
+            .chain(&decoder)
+            .any(|b| *b != BlockKind::Conv)
+        {
+            return Err(Error::config(
+                field,
+                "encoder/decoder must be conv blocks (c/C)",
+            ));
         }
-        if main.iter().any(|b| *b == BlockKind::Conv) {
-            return Err(Error::config(field, "main network must be DiT blocks (d/D)"));
+        if main.contains(&BlockKind::Conv) {
+            return Err(Error::config(
+                field,
+                "main network must be DiT blocks (d/D)",
+            ));
         }
         if main.is_empty() {
             return Err(Error::config(field, "main network has no blocks"));
@@ -514,7 +532,8 @@ impl Config {
                         ));
                     }
                 }
-                if spec.router == RouterKind::Predictability && spec.router_dim() % 8 != 0 {
+                if spec.router == RouterKind::Predictability && !spec.router_dim().is_multiple_of(8)
+                {
                     return Err(Error::config(
                         "model.hnet.d_model",
                         format!(

@@ -517,8 +517,17 @@ mod tests {
         ra == rb && (ra.is_none() || a == b)
     }
 
+    /// Fails with the case printed (quickcheck 1.x only prints shrunk cases).
+    fn verdict<T: core::fmt::Debug>(ok: bool, case: &T) -> TestResult {
+        if ok {
+            TestResult::passed()
+        } else {
+            TestResult::error(alloc::format!("failing case: {case:?}"))
+        }
+    }
+
     fn prop_plug_back(g: Grid) -> TestResult {
-        TestResult::from_bool(check_grid(&g))
+        verdict(check_grid(&g), &g)
     }
 
     #[test]
@@ -720,7 +729,7 @@ mod tests {
     }
 
     fn prop_smooth(c: Big) -> TestResult {
-        let c = c.0;
+        let c = &c.0;
         let m = c.p.len();
         let mut out = vec![0f32; m * c.dim];
         smooth(&c.h, c.dim, &c.p, &c.pos, c.width, c.sigma, &mut out);
@@ -732,7 +741,7 @@ mod tests {
             .iter()
             .zip(&want)
             .all(|(&a, &b)| (a as f64 - b).abs() <= 2e-6 * scale);
-        TestResult::from_bool(ok)
+        verdict(ok, c)
     }
 
     #[test]
@@ -777,13 +786,13 @@ mod tests {
     }
 
     fn prop_backward(s: Small) -> TestResult {
-        let Small(c, go) = s;
+        let Small(c, go) = &s;
         let m = c.p.len();
         let dim = c.dim;
         let mut gh = vec![7f32; m * dim];
         let mut gp = vec![7f32; m];
         smooth_backward(
-            &c.h, dim, &c.p, &c.pos, c.width, c.sigma, &go, &mut gh, &mut gp,
+            &c.h, dim, &c.p, &c.pos, c.width, c.sigma, go, &mut gh, &mut gp,
         );
         let h64: Vec<f64> = c.h.iter().map(|&x| x as f64).collect();
         let p64: Vec<f64> = c.p.iter().map(|&x| x as f64).collect();
@@ -825,7 +834,7 @@ mod tests {
             let tol = 2e-4 * (1.0 + fd.abs());
             ok &= (gp[k] as f64 - fd).abs() <= tol;
         }
-        TestResult::from_bool(ok)
+        verdict(ok, &s)
     }
 
     #[test]

@@ -74,9 +74,15 @@ impl fmt::Display for Error {
                 name,
                 expected,
                 got,
-            } => write!(f, "tensor `{name}`: expected shape {expected:?}, got {got:?}"),
+            } => write!(
+                f,
+                "tensor `{name}`: expected shape {expected:?}, got {got:?}"
+            ),
             Error::DType { name, got } => {
-                write!(f, "tensor `{name}`: unsupported dtype {got} (want F32, F16 or BF16)")
+                write!(
+                    f,
+                    "tensor `{name}`: unsupported dtype {got} (want F32, F16 or BF16)"
+                )
             }
             Error::Format(m) => write!(f, "invalid file: {m}"),
             Error::Input(m) => write!(f, "invalid input: {m}"),

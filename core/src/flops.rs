@@ -82,7 +82,13 @@ impl FlopCount {
         self.add(c, 2 * (rows * cin * cout * k * k) as u64);
     }
     /// Packed attention over sequences of the given lengths.
-    pub fn attention(&mut self, c: Component, lens: impl Iterator<Item = usize>, heads: usize, d_head: usize) {
+    pub fn attention(
+        &mut self,
+        c: Component,
+        lens: impl Iterator<Item = usize>,
+        heads: usize,
+        d_head: usize,
+    ) {
         let pairs: u64 = lens.map(|l| (l * l) as u64).sum();
         self.add(c, pairs * (heads * (4 * d_head + 3)) as u64);
     }
@@ -107,8 +113,18 @@ impl AddAssign for FlopCount {
 impl fmt::Display for FlopCount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for c in Component::ALL {
-            writeln!(f, "{:<14} {:>10.3} GFLOP", c.name(), self.get(c) as f64 / 1e9)?;
+            writeln!(
+                f,
+                "{:<14} {:>10.3} GFLOP",
+                c.name(),
+                self.get(c) as f64 / 1e9
+            )?;
         }
-        write!(f, "{:<14} {:>10.3} GFLOP", "total", self.total() as f64 / 1e9)
+        write!(
+            f,
+            "{:<14} {:>10.3} GFLOP",
+            "total",
+            self.total() as f64 / 1e9
+        )
     }
 }

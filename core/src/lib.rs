@@ -20,18 +20,20 @@
 extern crate alloc;
 
 pub mod backend;
+pub mod backend_grad;
 pub mod chunk;
 pub mod config;
 pub mod dechunk;
 pub mod embed;
 pub mod error;
 pub mod flops;
-pub mod rng;
 pub mod model;
 pub mod ratio_loss;
+pub mod rng;
 pub mod router;
 pub mod scheduler;
 pub mod weights;
 
 pub use backend::{Backend, DType, Grid, Segments};
+pub use backend_grad::GradBackend;
 pub use error::{Error, Result};

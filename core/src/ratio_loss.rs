@@ -186,6 +186,15 @@ mod tests {
         }
     }
 
+    /// Fails with the case printed (quickcheck 1.x only prints shrunk cases).
+    fn verdict<T: core::fmt::Debug>(ok: bool, case: &T) -> TestResult {
+        if ok {
+            TestResult::passed()
+        } else {
+            TestResult::error(alloc::format!("failing case: {case:?}"))
+        }
+    }
+
     fn prop_loss_and_grad(c: Case) -> TestResult {
         let b = c.p.len() / c.l;
         let group = c.group.unwrap_or(b);
@@ -207,7 +216,7 @@ mod tests {
                 / (2.0 * eps);
             ok &= (grad[i] as f64 - fd).abs() < 1e-5 * (1.0 + fd.abs());
         }
-        TestResult::from_bool(ok)
+        verdict(ok, &c)
     }
 
     #[test]

@@ -336,8 +336,17 @@ mod tests {
         n
     }
 
+    /// Fails with the case printed (quickcheck 1.x only prints shrunk cases).
+    fn verdict<T: core::fmt::Debug>(ok: bool, case: &T) -> TestResult {
+        if ok {
+            TestResult::passed()
+        } else {
+            TestResult::error(alloc::format!("failing case: {case:?}"))
+        }
+    }
+
     fn prop_tail_drop(pr: Probs) -> TestResult {
-        let Probs(mut p, f) = pr;
+        let Probs(mut p, f) = pr.clone();
         force_ends(&mut p);
         let mut mask = vec![false; p.len()];
         natural_mask(&p, &mut mask);
@@ -349,7 +358,10 @@ mod tests {
         let mut m3 = mask.clone();
         let n3 = tail_drop(&p, &mut m3, f);
         let dropped = mask.iter().zip(&m1).filter(|(a, b)| **a && !**b).count();
-        TestResult::from_bool(n1 == n2 && m1 == m2 && n3 == n1 && m3 == m1 && dropped == n1)
+        verdict(
+            n1 == n2 && m1 == m2 && n3 == n1 && m3 == m1 && dropped == n1,
+            &pr,
+        )
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// `../shared/release-cases` beside the checkout, if present.
@@ -21,7 +24,12 @@ pub fn release_cases() -> Option<PathBuf> {
 /// Sub-directories of `dir`, sorted.
 pub fn case_dirs(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -29,17 +37,27 @@ pub fn case_dirs(dir: &Path) -> Vec<PathBuf> {
 
 /// Reads a safetensors file.
 pub fn read_map(p: &Path) -> TensorMap {
-    TensorMap::from_safetensors(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    TensorMap::from_safetensors(
+        &std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// The tail-drop setting of a case.json (`{"tail_drop": 0.3}` or a list).
 pub fn tail_drop_of(case_json: &str) -> TailDrop {
-    let i = case_json.find("\"tail_drop\"").expect("case.json has tail_drop");
-    let rest = case_json[i + 11..].trim_start().trim_start_matches(':').trim_start();
+    let i = case_json
+        .find("\"tail_drop\"")
+        .expect("case.json has tail_drop");
+    let rest = case_json[i + 11..]
+        .trim_start()
+        .trim_start_matches(':')
+        .trim_start();
     if let Some(list) = rest.strip_prefix('[') {
         let end = list.find(']').unwrap();
-        let v: Vec<f32> = list[..end].split(',').map(|s| s.trim().parse().unwrap()).collect();
+        let v: Vec<f32> = list[..end]
+            .split(',')
+            .map(|s| s.trim().parse().unwrap())
+            .collect();
         TailDrop::PerSample(v)
     } else {
         let end = rest.find([',', '}']).unwrap();
@@ -64,19 +82,32 @@ pub struct CaseOutput {
 
 /// Runs the forward case in `dir` (config.yaml, weights, input, case.json) on the CPU backend.
 pub fn run_forward_case(dir: &Path, threads: usize) -> CaseOutput {
-    let cfg = Config::from_yaml_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
+    let cfg =
+        Config::from_yaml_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
     let w = read_map(&dir.join("weights.safetensors"));
     let inp = read_map(&dir.join("input.safetensors"));
     let tail = tail_drop_of(&std::fs::read_to_string(dir.join("case.json")).unwrap());
     let backend = CpuBackend::with_threads(threads);
-    let model = Model::load(&backend, &cfg, &w).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let model =
+        Model::load(&backend, &cfg, &w).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let t = &inp.get("t").unwrap().data;
-    let y: Vec<u32> = inp.get("y").unwrap().data.iter().map(|v| *v as u32).collect();
-    let x = model.input_from_nchw(&backend, &inp.get("x").unwrap().data, t.len()).unwrap();
+    let y: Vec<u32> = inp
+        .get("y")
+        .unwrap()
+        .data
+        .iter()
+        .map(|v| *v as u32)
+        .collect();
+    let x = model
+        .input_from_nchw(&backend, &inp.get("x").unwrap().data, t.len())
+        .unwrap();
     let res = model.forward(&backend, &x, t, &y, &tail).unwrap();
     let out = model.output_to_nchw(&backend, &res.out, t.len()).unwrap();
     let (bp, bm) = match res.routing {
-        Some(r) => (r.boundary_prob, r.mask.iter().map(|&m| m as u8 as f32).collect()),
+        Some(r) => (
+            r.boundary_prob,
+            r.mask.iter().map(|&m| m as u8 as f32).collect(),
+        ),
         None => (vec![], vec![]),
     };
     CaseOutput {
@@ -90,7 +121,10 @@ pub fn run_forward_case(dir: &Path, threads: usize) -> CaseOutput {
 pub fn errors(got: &[f32], want: &[f32]) -> (f32, f32) {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
-    let abs = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let abs = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     (abs, abs / scale)
 }
 
@@ -101,8 +135,14 @@ pub fn assert_close(name: &str, got: &[f32], want: &[f32], rel: f32) -> f32 {
     let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
         let tol = rel * b.abs() + 0.1 * rel * scale;
-        assert!(a.is_finite() && (a - b).abs() <= tol, "{name}[{i}]: got {a}, want {b} (tol {tol})");
+        assert!(
+            a.is_finite() && (a - b).abs() <= tol,
+            "{name}[{i}]: got {a}, want {b} (tol {tol})"
+        );
     }
-    assert!(r <= rel, "{name}: max abs error {abs}, relative {r} > {rel}");
+    assert!(
+        r <= rel,
+        "{name}: max abs error {abs}, relative {r} > {rel}"
+    );
     r
 }

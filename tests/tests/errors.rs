@@ -39,7 +39,9 @@ fn fresh_weights_load_and_run() {
     let b = CpuBackend::with_threads(1);
     let m = Model::load(&b, &cfg(), &weights()).unwrap();
     let x = m.input_from_nchw(&b, &vec![0.5; 2 * 4 * 16], 2).unwrap();
-    let out = m.forward(&b, &x, &[10.0, 999.0], &[3, 10], &TailDrop::None).unwrap();
+    let out = m
+        .forward(&b, &x, &[10.0, 999.0], &[3, 10], &TailDrop::None)
+        .unwrap();
     assert_eq!(dcdit_core::Backend::shape(&b, &out.out), vec![32, 8]);
 }
 
@@ -47,22 +49,37 @@ fn fresh_weights_load_and_run() {
 fn missing_key_is_named() {
     let mut w = weights();
     w.tensors.remove("hnet.routing_module.proj.weight");
-    assert_eq!(load_err(&w), Error::MissingKey("hnet.routing_module.proj.weight".into()));
+    assert_eq!(
+        load_err(&w),
+        Error::MissingKey("hnet.routing_module.proj.weight".into())
+    );
 }
 
 #[test]
 fn unexpected_key_is_named() {
     let mut w = weights();
-    w.insert("blocks.0.attn.qkv.weight", HostTensor::new(vec![1], vec![0.0]).unwrap());
-    assert_eq!(load_err(&w), Error::UnexpectedKey("blocks.0.attn.qkv.weight".into()));
+    w.insert(
+        "blocks.0.attn.qkv.weight",
+        HostTensor::new(vec![1], vec![0.0]).unwrap(),
+    );
+    assert_eq!(
+        load_err(&w),
+        Error::UnexpectedKey("blocks.0.attn.qkv.weight".into())
+    );
 }
 
 #[test]
 fn wrong_shape_is_named() {
     let mut w = weights();
-    w.insert("hnet.residual_proj.weight", HostTensor::new(vec![64, 32], vec![0.0; 64 * 32]).unwrap());
+    w.insert(
+        "hnet.residual_proj.weight",
+        HostTensor::new(vec![64, 32], vec![0.0; 64 * 32]).unwrap(),
+    );
     let e = load_err(&w).to_string();
-    assert!(e.contains("hnet.residual_proj.weight") && e.contains("[64, 64]") && e.contains("[64, 32]"), "{e}");
+    assert!(
+        e.contains("hnet.residual_proj.weight") && e.contains("[64, 64]") && e.contains("[64, 32]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -95,7 +112,10 @@ fn wrong_dtype_is_named() {
     bytes.extend_from_slice(header);
     bytes.extend_from_slice(&[1, 2]);
     let e = TensorMap::from_safetensors(&bytes).unwrap_err().to_string();
-    assert!(e.contains("x_embedder.proj.bias") && e.contains("U8"), "{e}");
+    assert!(
+        e.contains("x_embedder.proj.bias") && e.contains("U8"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -118,7 +138,10 @@ fn nonsense_configs_name_the_field() {
         ("enc_dec_dim_factor: [4, null]", "enc_dec_dim_factor"),
         ("enc_dec_dim_factor: [0, null]", "enc_dec_dim_factor"),
         ("arch_layout: [\"c2\", [\"c2\"], \"c2\"]", "arch_layout"),
-        ("arch_layout: [\"c2\", [\"c2\", [\"D2\"], \"c2\"], \"c2\"]", "arch_layout"),
+        (
+            "arch_layout: [\"c2\", [\"c2\", [\"D2\"], \"c2\"], \"c2\"]",
+            "arch_layout",
+        ),
         ("arch_layout: [\"x2\", [\"D2\"], \"c2\"]", "arch_layout"),
         ("dechunk_kernel_sigma: -1.0", "dechunk_kernel_sigma"),
     ];
@@ -129,7 +152,10 @@ fn nonsense_configs_name_the_field() {
         // Later keys override earlier ones in our YAML reader? No: duplicates are errors, so build cleanly.
         let yaml = dedupe(&yaml);
         let e = config_err(&yaml);
-        assert!(e.contains(field), "`{line}`: error `{e}` does not name {field}");
+        assert!(
+            e.contains(field),
+            "`{line}`: error `{e}` does not name {field}"
+        );
     }
     for (yaml, field) in [
         ("data: { image_size: 0 }", "data.image_size"),
@@ -142,7 +168,10 @@ fn nonsense_configs_name_the_field() {
         ("model: [1, 2]", "<yaml>"),
     ] {
         let e = config_err(yaml);
-        assert!(e.contains(field), "`{yaml}`: error `{e}` does not name {field}");
+        assert!(
+            e.contains(field),
+            "`{yaml}`: error `{e}` does not name {field}"
+        );
     }
 }
 
@@ -152,7 +181,10 @@ fn dedupe(yaml: &str) -> String {
     let mut out = Vec::new();
     for (i, l) in lines.iter().enumerate() {
         let key = l.trim().split(':').next().unwrap_or("");
-        let repeated = l.starts_with("    ") && lines[i + 1..].iter().any(|m| m.starts_with("    ") && m.trim().split(':').next() == Some(key));
+        let repeated = l.starts_with("    ")
+            && lines[i + 1..]
+                .iter()
+                .any(|m| m.starts_with("    ") && m.trim().split(':').next() == Some(key));
         if !repeated {
             out.push(*l);
         }
@@ -166,12 +198,24 @@ fn bad_inputs_are_errors() {
     let m = Model::load(&b, &cfg(), &weights()).unwrap();
     let x = m.input_from_nchw(&b, &vec![0.5; 4 * 16], 1).unwrap();
     // Label past the null class.
-    assert!(m.forward(&b, &x, &[1.0], &[11], &TailDrop::None).unwrap_err().to_string().contains("label 11"));
+    assert!(m
+        .forward(&b, &x, &[1.0], &[11], &TailDrop::None)
+        .unwrap_err()
+        .to_string()
+        .contains("label 11"));
     // Count mismatches.
-    assert!(m.forward(&b, &x, &[1.0, 2.0], &[1, 2], &TailDrop::None).is_err());
+    assert!(m
+        .forward(&b, &x, &[1.0, 2.0], &[1, 2], &TailDrop::None)
+        .is_err());
     assert!(m.forward(&b, &x, &[1.0], &[1, 2], &TailDrop::None).is_err());
-    assert!(m.forward(&b, &x, &[1.0], &[1], &TailDrop::PerSample(vec![0.1, 0.2])).is_err());
-    assert!(m.forward(&b, &x, &[1.0], &[1], &TailDrop::Uniform(1.5)).is_err());
-    assert!(m.forward(&b, &x, &[f32::NAN], &[1], &TailDrop::None).is_err());
+    assert!(m
+        .forward(&b, &x, &[1.0], &[1], &TailDrop::PerSample(vec![0.1, 0.2]))
+        .is_err());
+    assert!(m
+        .forward(&b, &x, &[1.0], &[1], &TailDrop::Uniform(1.5))
+        .is_err());
+    assert!(m
+        .forward(&b, &x, &[f32::NAN], &[1], &TailDrop::None)
+        .is_err());
     assert!(m.input_from_nchw(&b, &[0.0; 3], 1).is_err());
 }

@@ -9,17 +9,31 @@ use dcdit_tests::*;
 fn golden_forward_cases_match() {
     let root = repo_root().join("tests/golden/forward");
     let cases = case_dirs(&root);
-    assert!(cases.len() >= 6, "expected the golden cases in {}", root.display());
+    assert!(
+        cases.len() >= 6,
+        "expected the golden cases in {}",
+        root.display()
+    );
     for dir in cases {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let exp = read_map(&dir.join("expected.safetensors"));
         let got = run_forward_case(&dir, 2);
         if let Some(m) = exp.get("boundary_mask") {
             assert_eq!(got.boundary_mask, m.data, "{name}: boundary_mask");
-            let rp = assert_close(&format!("{name}/boundary_prob"), &got.boundary_prob, &exp.get("boundary_prob").unwrap().data, 1e-4);
+            let rp = assert_close(
+                &format!("{name}/boundary_prob"),
+                &got.boundary_prob,
+                &exp.get("boundary_prob").unwrap().data,
+                1e-4,
+            );
             eprintln!("golden {name}: boundary_prob rel err {rp:.2e}");
         }
-        let ro = assert_close(&format!("{name}/out"), &got.out, &exp.get("out").unwrap().data, 1e-4);
+        let ro = assert_close(
+            &format!("{name}/out"),
+            &got.out,
+            &exp.get("out").unwrap().data,
+            1e-4,
+        );
         eprintln!("golden {name}: out rel err {ro:.2e}");
     }
 }

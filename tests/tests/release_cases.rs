@@ -22,8 +22,16 @@ fn release_forward_cases_match() {
         let exp = read_map(&dir.join("expected.safetensors"));
         let got = run_forward_case(&dir, 2);
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let (wp, wm) = (&exp.get("boundary_prob").unwrap().data, &exp.get("boundary_mask").unwrap().data);
-        let rp = assert_close(&format!("{name}/boundary_prob"), &got.boundary_prob, wp, 1e-5);
+        let (wp, wm) = (
+            &exp.get("boundary_prob").unwrap().data,
+            &exp.get("boundary_mask").unwrap().data,
+        );
+        let rp = assert_close(
+            &format!("{name}/boundary_prob"),
+            &got.boundary_prob,
+            wp,
+            1e-5,
+        );
         let b = exp.get("boundary_mask").unwrap().shape[0];
         let l = wm.len() / b;
         let per = got.out.len() / b;
@@ -33,12 +41,22 @@ fn release_forward_cases_match() {
             let mut same = true;
             for i in r.clone() {
                 if got.boundary_mask[i] != wm[i] {
-                    assert!((wp[i] - 0.5).abs() < 1e-6, "{name}: mask differs at sample {s} token {} (p = {})", i - s * l, wp[i]);
+                    assert!(
+                        (wp[i] - 0.5).abs() < 1e-6,
+                        "{name}: mask differs at sample {s} token {} (p = {})",
+                        i - s * l,
+                        wp[i]
+                    );
                     same = false;
                 }
             }
             if same {
-                let ro = assert_close(&format!("{name}/out[{s}]"), &got.out[s * per..(s + 1) * per], &wo[s * per..(s + 1) * per], 1e-5);
+                let ro = assert_close(
+                    &format!("{name}/out[{s}]"),
+                    &got.out[s * per..(s + 1) * per],
+                    &wo[s * per..(s + 1) * per],
+                    1e-5,
+                );
                 eprintln!("release case {name} sample {s}: out rel err {ro:.2e}");
                 samples_compared += 1;
             } else {
@@ -47,5 +65,8 @@ fn release_forward_cases_match() {
         }
         eprintln!("release case {name}: boundary_prob rel err {rp:.2e}");
     }
-    assert!(samples_compared >= 5, "only {samples_compared} samples compared");
+    assert!(
+        samples_compared >= 5,
+        "only {samples_compared} samples compared"
+    );
 }

@@ -47,7 +47,14 @@ impl DcDit {
             .iter()
             .enumerate()
             .map(|(i, k)| {
-                DitBlock::new(reg, &alloc::format!("hnet.main_network.main_network.layers.{i}"), d, s.heads, s.mlp_hidden, *k)
+                DitBlock::new(
+                    reg,
+                    &alloc::format!("hnet.main_network.main_network.layers.{i}"),
+                    d,
+                    s.heads,
+                    s.mlp_hidden,
+                    *k,
+                )
             })
             .collect();
         let main_norm = RmsNorm::new(reg, "hnet.main_network.main_network.rmsnorm", d);
@@ -95,7 +102,9 @@ impl DcDit {
         let silu_c = cx.b.unary(&c, Unary::Silu)?;
 
         // Encoder and residual branch.
-        let h = self.encoder.forward(cx, &h, grid, &silu_c, Component::Encoder)?;
+        let h = self
+            .encoder
+            .forward(cx, &h, grid, &silu_c, Component::Encoder)?;
         let r = self.residual.forward(cx, &h, Component::Encoder)?;
 
         // Router: scores on the device, hard decisions on the host (the one sync).
@@ -108,12 +117,17 @@ impl DcDit {
         let mut mask = vec![false; batch * l];
         let mut scratch = vec![0u32; l];
         let mut kept = Vec::with_capacity(batch);
-        for s in 0..batch {
+        for (s, &fraction) in fractions.iter().enumerate() {
             let range = s * l..(s + 1) * l;
             router::force_ends(&mut prob[range.clone()]);
             router::natural_mask(&prob[range.clone()], &mut natural[range.clone()]);
             mask[range.clone()].copy_from_slice(&natural[range.clone()]);
-            router::tail_drop_with_scratch(&prob[range.clone()], &mut mask[range.clone()], fractions[s], &mut scratch);
+            router::tail_drop_with_scratch(
+                &prob[range.clone()],
+                &mut mask[range.clone()],
+                fraction,
+                &mut scratch,
+            );
             kept.push(mask[range].iter().filter(|m| **m).count());
         }
         // p with the two ends replaced by the constant 1 (no gradient there).
@@ -157,14 +171,24 @@ impl DcDit {
         // De-chunk: smoothing among kept tokens, then nearest plug-back.
         let pk = cx.b.gather_rows(&p, &gather)?;
         let lens = seg.windows(2).map(|w| w[1] - w[0]);
-        cx.flops.add(Component::Dechunk, lens.map(|m| 2 * (m * m * self.d) as u64).sum());
-        let sm = cx.b.dechunk_smooth(&z, &pk, &pos, self.width, self.sigma, &seg)?;
+        cx.flops.add(
+            Component::Dechunk,
+            lens.map(|m| 2 * (m * m * self.d) as u64).sum(),
+        );
+        let sm =
+            cx.b.dechunk_smooth(&z, &pk, &pos, self.width, self.sigma, &seg)?;
         let mut plug = vec![0u32; batch * l];
         let mut pb_scratch = vec![0u32; dechunk::plug_back_scratch_len(self.width)];
         for s in 0..batch {
             let out = &mut plug[s * l..(s + 1) * l];
-            dechunk::plug_back(&mask[s * l..(s + 1) * l], self.height, self.width, out, &mut pb_scratch)
-                .ok_or_else(|| Error::input("plug-back: a sample kept no token"))?;
+            dechunk::plug_back(
+                &mask[s * l..(s + 1) * l],
+                self.height,
+                self.width,
+                out,
+                &mut pb_scratch,
+            )
+            .ok_or_else(|| Error::input("plug-back: a sample kept no token"))?;
             for v in out.iter_mut() {
                 *v += seg[s] as u32;
             }
@@ -185,7 +209,9 @@ impl DcDit {
         let h = cx.b.binary(&hd, &r, Binary::Add)?;
 
         // Decoder and final layer.
-        let h = self.decoder.forward(cx, &h, grid, &silu_c, Component::Decoder)?;
+        let h = self
+            .decoder
+            .forward(cx, &h, grid, &silu_c, Component::Decoder)?;
         let out = self.final_layer.forward(cx, &h, &silu_c, &full_seg)?;
         Ok((
             out,

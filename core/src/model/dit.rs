@@ -31,7 +31,11 @@ impl Dit {
     /// Registers the original DiT's keys (`x_embedder.proj`, `blocks.N.*`, ...).
     pub fn new(s: &ModelSpec, reg: &mut Registry) -> Self {
         let (d, p) = (s.width_d, s.patch);
-        let patch_w = reg.param("x_embedder.proj.weight", &[d, s.in_channels, p, p], ParamLayout::ConvOihw);
+        let patch_w = reg.param(
+            "x_embedder.proj.weight",
+            &[d, s.in_channels, p, p],
+            ParamLayout::ConvOihw,
+        );
         let patch_b = reg.param("x_embedder.proj.bias", &[d], ParamLayout::Plain);
         let cond = Conditioning::new(reg, d, s.num_classes, s.null_class);
         let n = s.tokens() / (p * p);
@@ -40,7 +44,16 @@ impl Dit {
             .main
             .iter()
             .enumerate()
-            .map(|(i, k)| DitBlock::new(reg, &alloc::format!("blocks.{i}"), d, s.heads, s.mlp_hidden, *k))
+            .map(|(i, k)| {
+                DitBlock::new(
+                    reg,
+                    &alloc::format!("blocks.{i}"),
+                    d,
+                    s.heads,
+                    s.mlp_hidden,
+                    *k,
+                )
+            })
             .collect();
         let final_layer = FinalLayer::new(reg, d, d, p * p * s.out_channels);
         Dit {
@@ -79,7 +92,13 @@ impl Dit {
     }
 
     /// The forward pass.
-    pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, x: &B::Tensor, t: &[f32], y: &[u32]) -> Result<B::Tensor> {
+    pub fn forward<B: Backend>(
+        &self,
+        cx: &mut Ctx<B>,
+        x: &B::Tensor,
+        t: &[f32],
+        y: &[u32],
+    ) -> Result<B::Tensor> {
         let batch = t.len();
         let (p, l) = (self.patch, self.height * self.width);
         let n = l / (p * p);
@@ -87,8 +106,10 @@ impl Dit {
         let fwd = self.patch_rows(batch);
         let xp = cx.b.gather_rows(x, &fwd)?;
         let xp = cx.b.reshape(&xp, &[batch * n, p * p * self.cin])?;
-        let w = cx.b.reshape(cx.p.get(self.patch_w), &[self.d, p * p * self.cin])?;
-        cx.flops.linear(Component::Embeddings, batch * n, p * p * self.cin, self.d);
+        let w =
+            cx.b.reshape(cx.p.get(self.patch_w), &[self.d, p * p * self.cin])?;
+        cx.flops
+            .linear(Component::Embeddings, batch * n, p * p * self.cin, self.d);
         let h = cx.b.linear(&xp, &w, Some(cx.p.get(self.patch_b)))?;
         let table = cx.b.reshape(cx.p.get(self.pos_embed), &[n, self.d])?;
         let pos: Vec<u32> = (0..batch).flat_map(|_| 0..n as u32).collect();

@@ -50,8 +50,15 @@ impl Backend for ShapeBackend {
         Ok((0..n)
             .map(|i| {
                 let j = i % l;
-                let keep = l > 2 && j > 0 && j < l - 1 && (j * inner) / (l - 2) != ((j - 1) * inner) / (l - 2);
-                if keep { 0.9 } else { 0.1 }
+                let keep = l > 2
+                    && j > 0
+                    && j < l - 1
+                    && (j * inner) / (l - 2) != ((j - 1) * inner) / (l - 2);
+                if keep {
+                    0.9
+                } else {
+                    0.1
+                }
             })
             .collect())
     }
@@ -67,13 +74,28 @@ impl Backend for ShapeBackend {
     fn linear(&self, x: &Shape, w: &Shape, _: Option<&Shape>) -> Result<Shape> {
         Ok(Shape(vec![rows(x), rows(w)]))
     }
-    fn conv2d(&self, _: &Shape, grid: Grid, w: &Shape, _: Option<&Shape>, _: usize) -> Result<Shape> {
+    fn conv2d(
+        &self,
+        _: &Shape,
+        grid: Grid,
+        w: &Shape,
+        _: Option<&Shape>,
+        _: usize,
+    ) -> Result<Shape> {
         Ok(Shape(vec![grid.rows(), rows(w)]))
     }
     fn depthwise_conv3x3(&self, x: &Shape, _: Grid, _: &Shape) -> Result<Shape> {
         Ok(x.clone())
     }
-    fn group_norm(&self, x: &Shape, _: Grid, _: usize, _: &Shape, _: &Shape, _: f32) -> Result<Shape> {
+    fn group_norm(
+        &self,
+        x: &Shape,
+        _: Grid,
+        _: usize,
+        _: &Shape,
+        _: &Shape,
+        _: f32,
+    ) -> Result<Shape> {
         Ok(x.clone())
     }
     fn layer_norm(&self, x: &Shape, _: f32) -> Result<Shape> {
@@ -125,7 +147,15 @@ impl Backend for ShapeBackend {
     fn attention(&self, qkv: &Shape, _: usize, _: Segments) -> Result<Shape> {
         Ok(Shape(vec![rows(qkv), qkv.0[1] / 3]))
     }
-    fn dechunk_smooth(&self, h: &Shape, _: &Shape, _: &[u32], _: usize, _: f32, _: Segments) -> Result<Shape> {
+    fn dechunk_smooth(
+        &self,
+        h: &Shape,
+        _: &Shape,
+        _: &[u32],
+        _: usize,
+        _: f32,
+        _: Segments,
+    ) -> Result<Shape> {
         Ok(h.clone())
     }
 }
@@ -134,13 +164,19 @@ impl Backend for ShapeBackend {
 /// (ignored by the DiT baseline), counted by running the model code itself.
 pub fn flops_per_image(spec: &ModelSpec, keep: usize) -> Result<FlopCount> {
     let l = spec.tokens();
-    let b = ShapeBackend { l, keep: keep.clamp(2.min(l), l) };
+    let b = ShapeBackend {
+        l,
+        keep: keep.clamp(2.min(l), l),
+    };
     let (net, reg) = super::build(spec);
     let tensors = reg.infos.iter().map(|i| Shape(i.shape.clone())).collect();
     let model = super::Model {
         spec: spec.clone(),
         net,
-        params: super::params::Params { registry: reg, tensors },
+        params: super::params::Params {
+            registry: reg,
+            tensors,
+        },
     };
     let x = Shape(vec![l, spec.in_channels]);
     let out = model.forward(&b, &x, &[0.0], &[0], &super::TailDrop::None)?;

@@ -12,7 +12,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 fn uniform(rng: &mut Rng, n: usize, bound: f64) -> Vec<f32> {
-    (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+    (0..n)
+        .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+        .collect()
 }
 
 /// SPEC 10 initial values of every registered parameter. Linear weights are
@@ -40,14 +42,24 @@ pub fn init_weights(spec: &ModelSpec, reg: &Registry, seed: u64) -> Result<Tenso
             zero()
         } else if name.contains("norm") || name.contains("residual_scorer.1") {
             // GroupNorm / RMSNorm: scale 1, shift 0.
-            if is_bias { zero() } else { vec![1.0; n] }
-        } else if name == "y_embedder.embedding_table.weight" || (name.starts_with("t_embedder") && !is_bias) {
+            if is_bias {
+                zero()
+            } else {
+                vec![1.0; n]
+            }
+        } else if name == "y_embedder.embedding_table.weight"
+            || (name.starts_with("t_embedder") && !is_bias)
+        {
             (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
         } else if name == "hnet.routing_module.residual_scorer.3.bias" {
             vec![-1.1; n]
-        } else if spec.router == RouterKind::Cosine && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight")) {
+        } else if spec.router == RouterKind::Cosine
+            && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight"))
+        {
             let d = sh[0];
-            (0..n).map(|i| if i / d == i % d { 1.0 } else { 0.0 }).collect()
+            (0..n)
+                .map(|i| if i / d == i % d { 1.0 } else { 0.0 })
+                .collect()
         } else if name.ends_with("k_smooth.weight") {
             vec![1.0 / 9.0; n]
         } else if sh.len() == 4 {
@@ -61,11 +73,15 @@ pub fn init_weights(spec: &ModelSpec, reg: &Registry, seed: u64) -> Result<Tenso
             }
         } else if is_bias {
             let w = name.trim_end_matches(".bias");
-            let conv = reg.infos.iter().find(|i| i.name.len() == w.len() + 7 && i.name.starts_with(w) && i.name.ends_with(".weight"));
+            let conv = reg.infos.iter().find(|i| {
+                i.name.len() == w.len() + 7 && i.name.starts_with(w) && i.name.ends_with(".weight")
+            });
             match conv {
-                Some(c) if c.shape.len() == 4 && !name.starts_with("x_embedder") => {
-                    uniform(&mut rng, n, 1.0 / libm::sqrt((c.shape[1] * c.shape[2] * c.shape[3]) as f64))
-                }
+                Some(c) if c.shape.len() == 4 && !name.starts_with("x_embedder") => uniform(
+                    &mut rng,
+                    n,
+                    1.0 / libm::sqrt((c.shape[1] * c.shape[2] * c.shape[3]) as f64),
+                ),
                 _ => zero(),
             }
         } else if sh.len() == 2 {

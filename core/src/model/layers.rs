@@ -32,7 +32,12 @@ impl Linear {
         Linear { w, b, inp, out }
     }
     /// `x w^T + b` over `rows` rows.
-    pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, x: &B::Tensor, comp: Component) -> Result<B::Tensor> {
+    pub fn forward<B: Backend>(
+        &self,
+        cx: &mut Ctx<B>,
+        x: &B::Tensor,
+        comp: Component,
+    ) -> Result<B::Tensor> {
         let rows = cx.b.shape(x)[0];
         cx.flops.linear(comp, rows, self.inp, self.out);
         cx.b.linear(x, cx.p.get(self.w), self.b.map(|b| cx.p.get(b)))
@@ -52,13 +57,24 @@ pub struct Conv {
 impl Conv {
     /// Registers `{prefix}.weight` `(cout, cin, k, k)` and `{prefix}.bias`.
     pub fn new(reg: &mut Registry, prefix: &str, cin: usize, cout: usize, k: usize) -> Self {
-        let w = reg.param(&format!("{prefix}.weight"), &[cout, cin, k, k], ParamLayout::ConvOihw);
+        let w = reg.param(
+            &format!("{prefix}.weight"),
+            &[cout, cin, k, k],
+            ParamLayout::ConvOihw,
+        );
         let b = reg.param(&format!("{prefix}.bias"), &[cout], ParamLayout::Plain);
         Conv { w, b, cin, cout, k }
     }
     /// Applies the convolution.
-    pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, x: &B::Tensor, grid: Grid, comp: Component) -> Result<B::Tensor> {
-        cx.flops.conv(comp, grid.rows(), self.cin, self.cout, self.k);
+    pub fn forward<B: Backend>(
+        &self,
+        cx: &mut Ctx<B>,
+        x: &B::Tensor,
+        grid: Grid,
+        comp: Component,
+    ) -> Result<B::Tensor> {
+        cx.flops
+            .conv(comp, grid.rows(), self.cin, self.cout, self.k);
         cx.b.conv2d(x, grid, cx.p.get(self.w), Some(cx.p.get(self.b)), self.k)
     }
 }
@@ -79,8 +95,20 @@ impl GroupNorm {
         GroupNorm { w, b, groups }
     }
     /// Normalises with eps 1e-5 (PyTorch's default).
-    pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, x: &B::Tensor, grid: Grid) -> Result<B::Tensor> {
-        cx.b.group_norm(x, grid, self.groups, cx.p.get(self.w), cx.p.get(self.b), 1e-5)
+    pub fn forward<B: Backend>(
+        &self,
+        cx: &mut Ctx<B>,
+        x: &B::Tensor,
+        grid: Grid,
+    ) -> Result<B::Tensor> {
+        cx.b.group_norm(
+            x,
+            grid,
+            self.groups,
+            cx.p.get(self.w),
+            cx.p.get(self.b),
+            1e-5,
+        )
     }
 }
 
@@ -175,7 +203,8 @@ impl ConvBlock {
             norm2: GroupNorm::new(reg, &format!("{prefix}.norm2"), 32, ci),
             conv1: Conv::new(reg, &format!("{prefix}.conv1"), cin, ci, 3),
             conv2: Conv::new(reg, &format!("{prefix}.conv2"), ci, cout, 3),
-            skip: (cin != cout).then(|| Conv::new(reg, &format!("{prefix}.skip_proj"), cin, cout, 1)),
+            skip: (cin != cout)
+                .then(|| Conv::new(reg, &format!("{prefix}.skip_proj"), cin, cout, 1)),
             cond: Linear::new(reg, &format!("{prefix}.cond_proj.1"), cond_dim, ci, true),
         }
     }
@@ -216,13 +245,25 @@ pub struct ConvStack {
 impl ConvStack {
     /// The encoder (`is_encoder`: all blocks at `inp`, the last maps to `out`)
     /// or decoder (the first maps `inp` to `out`, the rest at `out`), as the release.
-    pub fn new(reg: &mut Registry, prefix: &str, n: usize, inp: usize, out: usize, cond_dim: usize, is_encoder: bool) -> Self {
+    pub fn new(
+        reg: &mut Registry,
+        prefix: &str,
+        n: usize,
+        inp: usize,
+        out: usize,
+        cond_dim: usize,
+        is_encoder: bool,
+    ) -> Self {
         let blocks = (0..n)
             .map(|i| {
                 let (a, b) = if inp == out {
                     (inp, out)
                 } else if is_encoder {
-                    if i == n - 1 { (inp, out) } else { (inp, inp) }
+                    if i == n - 1 {
+                        (inp, out)
+                    } else {
+                        (inp, inp)
+                    }
                 } else if i == 0 {
                     (inp, out)
                 } else {
@@ -268,7 +309,14 @@ pub struct DitBlock {
 
 impl DitBlock {
     /// Registers `{prefix}.{adaLN_modulation.1,attn.qkv,attn.proj,mlp.fc1,mlp.fc2}`.
-    pub fn new(reg: &mut Registry, prefix: &str, d: usize, heads: usize, mlp_hidden: usize, kind: BlockKind) -> Self {
+    pub fn new(
+        reg: &mut Registry,
+        prefix: &str,
+        d: usize,
+        heads: usize,
+        mlp_hidden: usize,
+        kind: BlockKind,
+    ) -> Self {
         DitBlock {
             ada: Linear::new(reg, &format!("{prefix}.adaLN_modulation.1"), d, 6 * d, true),
             qkv: Linear::new(reg, &format!("{prefix}.attn.qkv"), d, 3 * d, true),
@@ -285,14 +333,21 @@ impl DitBlock {
     }
 
     /// `x (T, D)` packed rows of the samples in `seg`; `silu_c (B, D)`.
-    pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, x: &B::Tensor, silu_c: &B::Tensor, seg: Segments) -> Result<B::Tensor> {
+    pub fn forward<B: Backend>(
+        &self,
+        cx: &mut Ctx<B>,
+        x: &B::Tensor,
+        silu_c: &B::Tensor,
+        seg: Segments,
+    ) -> Result<B::Tensor> {
         let comp = Component::MainNetwork;
         let ada = self.ada.forward(cx, silu_c, comp)?;
         let h = cx.b.layer_norm(x, 1e-6)?;
         let h = cx.b.modulate(&h, &ada, 0, 1, seg)?;
         let qkv = self.qkv.forward(cx, &h, comp)?;
         let hd = self.d / self.heads;
-        cx.flops.attention(comp, seg.windows(2).map(|w| w[1] - w[0]), self.heads, hd);
+        cx.flops
+            .attention(comp, seg.windows(2).map(|w| w[1] - w[0]), self.heads, hd);
         let a = cx.b.attention(&qkv, self.heads, seg)?;
         let a = self.proj.forward(cx, &a, comp)?;
         let mut x = cx.b.gated_add(x, &a, &ada, 2, seg)?;
@@ -319,12 +374,24 @@ impl FinalLayer {
     /// Registers `final_layer.{adaLN_modulation.1,linear}`.
     pub fn new(reg: &mut Registry, width: usize, cond_dim: usize, out: usize) -> Self {
         FinalLayer {
-            ada: Linear::new(reg, "final_layer.adaLN_modulation.1", cond_dim, 2 * width, true),
+            ada: Linear::new(
+                reg,
+                "final_layer.adaLN_modulation.1",
+                cond_dim,
+                2 * width,
+                true,
+            ),
             linear: Linear::new(reg, "final_layer.linear", width, out, true),
         }
     }
     /// `x (rows, width)` → `(rows, out)`.
-    pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, x: &B::Tensor, silu_c: &B::Tensor, seg: Segments) -> Result<B::Tensor> {
+    pub fn forward<B: Backend>(
+        &self,
+        cx: &mut Ctx<B>,
+        x: &B::Tensor,
+        silu_c: &B::Tensor,
+        seg: Segments,
+    ) -> Result<B::Tensor> {
         let comp = Component::FinalLayer;
         let ada = self.ada.forward(cx, silu_c, comp)?;
         let h = cx.b.layer_norm(x, 1e-6)?;

@@ -69,7 +69,9 @@ impl TailDrop {
             }
         };
         if let Some(f) = v.iter().find(|f| !(0.0..=1.0).contains(*f)) {
-            return Err(Error::input(format!("tail-drop fraction {f} is not in [0, 1]")));
+            return Err(Error::input(format!(
+                "tail-drop fraction {f} is not in [0, 1]"
+            )));
         }
         Ok(v)
     }
@@ -106,9 +108,9 @@ pub struct ForwardOutput<B: Backend> {
 #[derive(Debug, Clone)]
 pub enum Network {
     /// DC-DiT.
-    DcDit(dcdit::DcDit),
+    DcDit(alloc::boxed::Box<dcdit::DcDit>),
     /// Fixed-patch DiT.
-    Dit(dit::Dit),
+    Dit(alloc::boxed::Box<dit::Dit>),
 }
 
 /// A network with its parameters on a backend.
@@ -126,8 +128,10 @@ pub struct Model<B: Backend> {
 pub fn build(spec: &ModelSpec) -> (Network, Registry) {
     let mut reg = Registry::default();
     let net = match spec.kind {
-        ModelKind::DcDit => Network::DcDit(dcdit::DcDit::new(spec, &mut reg)),
-        ModelKind::Dit => Network::Dit(dit::Dit::new(spec, &mut reg)),
+        ModelKind::DcDit => {
+            Network::DcDit(alloc::boxed::Box::new(dcdit::DcDit::new(spec, &mut reg)))
+        }
+        ModelKind::Dit => Network::Dit(alloc::boxed::Box::new(dit::Dit::new(spec, &mut reg))),
     };
     (net, reg)
 }
@@ -143,11 +147,22 @@ impl<B: Backend> Model<B> {
 
     /// Runs the network on `x` (`(B*H*W, C)` NHWC rows), timesteps `t` and labels `y`
     /// (the null class is `num_classes`).
-    pub fn forward(&self, backend: &B, x: &B::Tensor, t: &[f32], y: &[u32], tail: &TailDrop) -> Result<ForwardOutput<B>> {
+    pub fn forward(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        t: &[f32],
+        y: &[u32],
+        tail: &TailDrop,
+    ) -> Result<ForwardOutput<B>> {
         let s = &self.spec;
         let batch = t.len();
         if y.len() != batch {
-            return Err(Error::input(format!("{} timesteps but {} labels", batch, y.len())));
+            return Err(Error::input(format!(
+                "{} timesteps but {} labels",
+                batch,
+                y.len()
+            )));
         }
         if batch == 0 {
             return Err(Error::input("empty batch"));
@@ -202,7 +217,12 @@ impl<B: Backend> Model<B> {
     /// Reads NHWC output rows back as an NCHW host batch.
     pub fn output_to_nchw(&self, backend: &B, out: &B::Tensor, batch: usize) -> Result<Vec<f32>> {
         let v = backend.to_f32(out)?;
-        Ok(nhwc_to_nchw(&v, batch, self.spec.out_channels, self.spec.tokens()))
+        Ok(nhwc_to_nchw(
+            &v,
+            batch,
+            self.spec.out_channels,
+            self.spec.tokens(),
+        ))
     }
 }
 

@@ -58,7 +58,13 @@ impl Registry {
     pub fn buffer(&mut self, name: &str, shape: &[usize]) -> ParamId {
         self.push(name, shape, ParamLayout::Plain, false)
     }
-    fn push(&mut self, name: &str, shape: &[usize], layout: ParamLayout, trainable: bool) -> ParamId {
+    fn push(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        layout: ParamLayout,
+        trainable: bool,
+    ) -> ParamId {
         self.infos.push(ParamInfo {
             name: name.into(),
             shape: shape.to_vec(),
@@ -69,11 +75,19 @@ impl Registry {
     }
     /// Trainable entries.
     pub fn trainable_count(&self) -> usize {
-        self.infos.iter().filter(|i| i.trainable).map(|i| i.numel()).sum()
+        self.infos
+            .iter()
+            .filter(|i| i.trainable)
+            .map(|i| i.numel())
+            .sum()
     }
     /// Fixed-buffer entries.
     pub fn buffer_count(&self) -> usize {
-        self.infos.iter().filter(|i| !i.trainable).map(|i| i.numel()).sum()
+        self.infos
+            .iter()
+            .filter(|i| !i.trainable)
+            .map(|i| i.numel())
+            .sum()
     }
     /// Looks a parameter up by key.
     pub fn find(&self, name: &str) -> Option<ParamId> {
@@ -130,7 +144,10 @@ impl<B: Backend> Params<B> {
         for info in &registry.infos {
             let t = weights.expect(&info.name, &info.shape)?;
             if t.data.iter().any(|v| !v.is_finite()) {
-                return Err(Error::NonFinite(alloc::format!("weights: tensor `{}`", info.name)));
+                return Err(Error::NonFinite(alloc::format!(
+                    "weights: tensor `{}`",
+                    info.name
+                )));
             }
             tensors.push(upload(backend, info, &t.data)?);
         }

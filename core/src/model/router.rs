@@ -57,14 +57,23 @@ impl RouterNet {
             RouterKind::Cosine => RouterNet::Cosine {
                 q: Linear::new(reg, &alloc::format!("{p}.q_proj"), d, d, false),
                 k: Linear::new(reg, &alloc::format!("{p}.k_proj"), d, d, false),
-                smooth: reg.param(&alloc::format!("{p}.k_smooth.weight"), &[d, 1, 3, 3], ParamLayout::Plain),
+                smooth: reg.param(
+                    &alloc::format!("{p}.k_smooth.weight"),
+                    &[d, 1, 3, 3],
+                    ParamLayout::Plain,
+                ),
                 d,
             },
         }
     }
 
     /// Boundary probabilities `(B*L, 1)` before the forced ends.
-    pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, h: &B::Tensor, grid: Grid) -> Result<B::Tensor> {
+    pub fn forward<B: Backend>(
+        &self,
+        cx: &mut Ctx<B>,
+        h: &B::Tensor,
+        grid: Grid,
+    ) -> Result<B::Tensor> {
         let comp = Component::Routing;
         match self {
             RouterNet::Predictability {

@@ -1,0 +1,160 @@
+//! The backward and optimiser operations a backend provides so that the
+//! autodiff decorator (`dcdit-autodiff`) can train through it. Inference needs
+//! only [`Backend`]; training needs `B: GradBackend`.
+//!
+//! Each `*_backward` takes the forward's inputs and the gradient `g` of the
+//! forward's output, and returns the gradients of the inputs, in the same
+//! layouts as the forward (see [`crate::backend`]). Gradients of parameters
+//! are returned, not accumulated.
+
+use crate::backend::{Backend, Grid, Segments, Unary};
+use crate::error::Result;
+
+/// AdamW hyper-parameters of one step (PyTorch's `torch.optim.AdamW`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// 1-based step number (for bias correction).
+    pub step: u64,
+}
+
+/// Backward and optimiser operations.
+pub trait GradBackend: Backend {
+    /// `op(a) op(b)` where `op` transposes when the flag is set:
+    /// `a (m, k)` (or `(k, m)` with `ta`), `b (k, n)` (or `(n, k)` with `tb`) → `(m, n)`.
+    fn matmul(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        ta: bool,
+        tb: bool,
+    ) -> Result<Self::Tensor>;
+    /// Column sums `(rows, c)` → `(c)` (bias gradients).
+    fn col_sum(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Per-segment row sums `(rows, c)` → `(S, c)` (gradients of per-sample vectors).
+    fn segment_sum(&self, x: &Self::Tensor, seg: Segments) -> Result<Self::Tensor>;
+    /// A tensor filled with `value`.
+    fn full(&self, shape: &[usize], value: f32) -> Result<Self::Tensor>;
+    /// Sum of squares of all entries, read back to the host (grad-norm clipping).
+    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
+
+    /// Gradients of [`Backend::conv2d`]: `(dx, dw, db)`; `dw` in OHWI like `w`.
+    fn conv2d_backward(
+        &self,
+        x: &Self::Tensor,
+        grid: Grid,
+        w: &Self::Tensor,
+        k: usize,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// Gradients of [`Backend::depthwise_conv3x3`]: `(dx, dw)`, `dw (c, 9)`.
+    fn depthwise_conv3x3_backward(
+        &self,
+        x: &Self::Tensor,
+        grid: Grid,
+        w: &Self::Tensor,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Gradients of [`Backend::group_norm`]: `(dx, dgamma, dbeta)`.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        grid: Grid,
+        groups: usize,
+        gamma: &Self::Tensor,
+        eps: f32,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// Gradient of [`Backend::layer_norm`].
+    fn layer_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        eps: f32,
+        g: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// Gradients of [`Backend::rms_norm`]: `(dx, dw)`.
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Gradient of [`Backend::l2_normalize`].
+    fn l2_normalize_backward(&self, x: &Self::Tensor, g: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Gradient of [`Backend::unary`] (from the forward's input `x`).
+    fn unary_backward(&self, x: &Self::Tensor, op: Unary, g: &Self::Tensor)
+        -> Result<Self::Tensor>;
+    /// Gradients of [`Backend::modulate`]: `(dx, dada)`; `dada` has `ada`'s
+    /// shape and is zero outside the shift and scale blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn modulate_backward(
+        &self,
+        x: &Self::Tensor,
+        ada: &Self::Tensor,
+        shift_at: usize,
+        scale_at: usize,
+        seg: Segments,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Gradients of [`Backend::gated_add`] w.r.t. `y` and `ada`: `(dy, dada)`
+    /// (the gradient of `x` is `g` itself); `dada` zero outside the gate block.
+    fn gated_add_backward(
+        &self,
+        y: &Self::Tensor,
+        ada: &Self::Tensor,
+        gate_at: usize,
+        seg: Segments,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Gradient of [`Backend::attention`] w.r.t. `qkv`.
+    fn attention_backward(
+        &self,
+        qkv: &Self::Tensor,
+        heads: usize,
+        seg: Segments,
+        g: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// Gradients of [`Backend::dechunk_smooth`]: `(dh, dp)` (`dp` w.r.t. the
+    /// unclamped `p`, zero where the clamp is active).
+    #[allow(clippy::too_many_arguments)]
+    fn dechunk_smooth_backward(
+        &self,
+        h: &Self::Tensor,
+        p: &Self::Tensor,
+        pos: &[u32],
+        width: usize,
+        sigma: f32,
+        seg: Segments,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+
+    /// One AdamW step on `param` with gradient `grad` (already clipped) and
+    /// moments `m`, `v`: returns the new `(param, m, v)`.
+    fn adamw_step(
+        &self,
+        param: &Self::Tensor,
+        grad: &Self::Tensor,
+        m: &Self::Tensor,
+        v: &Self::Tensor,
+        hp: AdamW,
+        grad_scale: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// `ema * decay + param * (1 - decay)`.
+    fn ema_update(
+        &self,
+        ema: &Self::Tensor,
+        param: &Self::Tensor,
+        decay: f32,
+    ) -> Result<Self::Tensor>;
+}
