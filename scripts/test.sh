@@ -13,5 +13,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 # The core must build without std.
-cargo build -p dcdit-core --no-default-features
+RUSTFLAGS="-D warnings" cargo build -p dcdit-core --no-default-features --target-dir target/nostd
+cargo test --release -p dcdit-core --no-default-features --lib
 cargo test --workspace --release

@@ -158,3 +158,26 @@ pub trait GradBackend: Backend {
         decay: f32,
     ) -> Result<Self::Tensor>;
 }
+
+/// A backend that records what it computes and differentiates it (the
+/// `dcdit-autodiff` decorator implements this over any [`GradBackend`]), so
+/// the trainer is written once over it, like burn's `AutodiffBackend`.
+pub trait AutodiffBackend: Backend {
+    /// The backend doing the arithmetic.
+    type Inner: GradBackend;
+    /// The gradients of one backward pass.
+    type Grads;
+    /// The wrapped backend.
+    fn inner(&self) -> &Self::Inner;
+    /// A tracked leaf (a parameter) holding `value`.
+    fn leaf(&self, value: <Self::Inner as Backend>::Tensor) -> Self::Tensor;
+    /// The value of a tracked or constant tensor.
+    fn value(t: &Self::Tensor) -> &<Self::Inner as Backend>::Tensor;
+    /// Back-propagates the given output gradients (several seeds at once) and
+    /// clears the tape.
+    fn backward(&self, seeds: &[(&Self::Tensor, <Self::Inner as Backend>::Tensor)]) -> Result<Self::Grads>;
+    /// The gradient of a leaf, if anything reached it.
+    fn grad(grads: &Self::Grads, leaf: &Self::Tensor) -> Option<<Self::Inner as Backend>::Tensor>;
+    /// Drops whatever the tape recorded (e.g. after an evaluation forward).
+    fn clear(&self);
+}

@@ -17,7 +17,7 @@
 
 use crate::error::{Error, Result};
 use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
@@ -145,6 +145,14 @@ pub struct TrainingConfig {
     pub multi_budget_drop_fractions: Vec<f32>,
     /// First step of multi-budget training.
     pub multi_budget_start_step: Option<usize>,
+    /// Our key: seed of initialisation, data order, timesteps and noise.
+    pub seed: u64,
+    /// Our key: optimiser steps of a run.
+    pub steps: u64,
+    /// Our key: steps between log lines.
+    pub log_every: u64,
+    /// Our key: steps between checkpoints.
+    pub ckpt_every: u64,
 }
 
 impl Default for TrainingConfig {
@@ -166,6 +174,10 @@ impl Default for TrainingConfig {
             multi_budget_training: false,
             multi_budget_drop_fractions: vec![0.0, 0.1, 0.2, 0.3],
             multi_budget_start_step: None,
+            seed: 0,
+            steps: 1000,
+            log_every: 50,
+            ckpt_every: 500,
         }
     }
 }
@@ -182,6 +194,11 @@ pub struct DataConfig {
     pub latent_height: Option<usize>,
     /// Our key: latent grid width, overriding `image_size / 8`.
     pub latent_width: Option<usize>,
+    /// Our key: `mnist` (the bundled digits, pixel space) or `features`
+    /// (the release's extracted latents under `feature_path`).
+    pub source: String,
+    /// Root of `imagenet{size}_features/` and `imagenet{size}_labels/`.
+    pub feature_path: String,
 }
 
 impl Default for DataConfig {
@@ -191,6 +208,8 @@ impl Default for DataConfig {
             num_classes: 1000,
             latent_height: None,
             latent_width: None,
+            source: "features".into(),
+            feature_path: "features".into(),
         }
     }
 }
@@ -330,13 +349,13 @@ impl Config {
     /// Parses the YAML text of a config file.
     #[cfg(feature = "std")]
     pub fn from_yaml_str(text: &str) -> Result<Config> {
-        serde_norway::from_str(text).map_err(|e| Error::config("<yaml>", e.to_string()))
+        serde_norway::from_str(text).map_err(|e| Error::config("<yaml>", alloc::string::ToString::to_string(&e)))
     }
 
     /// Serialises back to YAML (e.g. to save the config used by a run).
     #[cfg(feature = "std")]
     pub fn to_yaml_string(&self) -> Result<String> {
-        serde_norway::to_string(self).map_err(|e| Error::config("<yaml>", e.to_string()))
+        serde_norway::to_string(self).map_err(|e| Error::config("<yaml>", alloc::string::ToString::to_string(&e)))
     }
 
     /// Latent grid `(height, width)`.

@@ -28,9 +28,12 @@ pub mod embed;
 pub mod error;
 pub mod flops;
 pub mod model;
+pub mod objective;
 pub mod ratio_loss;
 pub mod rng;
 pub mod router;
+pub mod sample;
+pub mod train;
 pub mod scheduler;
 pub mod weights;
 
