@@ -8,6 +8,7 @@ use dcdit_core::backend::Segments;
 use dcdit_core::{Error, Result};
 use rayon::prelude::*;
 
+use crate::math::softmax;
 use crate::tensor::CpuTensor;
 use crate::util::{check_segments, dot, gemm_f32, Mat, SyncPtr};
 
@@ -30,21 +31,6 @@ struct Task {
     q0: usize,
     /// Number of queries.
     qn: usize,
-}
-
-/// In-place numerically stable softmax of a row.
-#[inline]
-fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = 0.0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        s += *v;
-    }
-    let inv = 1.0 / s;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
 }
 
 /// Packed multi-head attention; `qkv (T, 3d)` → `(T, d)`.

@@ -8,25 +8,7 @@ use rayon::prelude::*;
 use crate::tensor::CpuTensor;
 use crate::util::check_segments;
 
-/// Lets the call site accept `smooth` returning either `()` or `Result<()>`.
-trait IntoResult {
-    fn into_result(self) -> Result<()>;
-}
-
-impl IntoResult for () {
-    fn into_result(self) -> Result<()> {
-        Ok(())
-    }
-}
-
-impl IntoResult for Result<()> {
-    fn into_result(self) -> Result<()> {
-        self
-    }
-}
-
 /// Distance-weighted smoothing (SPEC 3) of `h (T, d)` with `p (T, 1)`.
-#[allow(clippy::unit_arg)] // `smooth` may return `()`; see `IntoResult`.
 pub(crate) fn dechunk_smooth(
     h: &CpuTensor,
     p: &CpuTensor,
@@ -63,7 +45,8 @@ pub(crate) fn dechunk_smooth(
             parts.push((a, b, head));
         }
     }
-    let run = |(a, b, dst): &mut (usize, usize, &mut [f32])| -> Result<()> {
+    // Lengths and `width > 0` are checked above, so `smooth` cannot panic.
+    let run = |(a, b, dst): &mut (usize, usize, &mut [f32])| {
         let (a, b) = (*a, *b);
         dcdit_core::dechunk::smooth(
             &hs[a * d..b * d],
@@ -73,13 +56,12 @@ pub(crate) fn dechunk_smooth(
             width,
             sigma,
             dst,
-        )
-        .into_result()
+        );
     };
     if parts.len() <= 1 {
-        parts.iter_mut().try_for_each(run)?;
+        parts.iter_mut().for_each(run);
     } else {
-        parts.par_iter_mut().with_max_len(1).try_for_each(run)?;
+        parts.par_iter_mut().with_max_len(1).for_each(run);
     }
     Ok(CpuTensor::from_result(out, h.shape(), h.dtype()))
 }

@@ -86,7 +86,7 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
 }
 
 /// Checks that `x` is an NHWC activation over `grid` and returns its channels.
-fn check_grid(op: &str, x: &CpuTensor, grid: Grid) -> Result<usize> {
+pub(crate) fn check_grid(op: &str, x: &CpuTensor, grid: Grid) -> Result<usize> {
     let (rows, c) = x.dims2();
     if rows != grid.rows() {
         return Err(Error::input(format!(
@@ -104,7 +104,15 @@ fn check_grid(op: &str, x: &CpuTensor, grid: Grid) -> Result<usize> {
 /// Writes the im2col rows `r0..r0 + n` of `x` into `col` (`n` rows of
 /// `k*k*cin`, ordered `(ky, kx, cin)`), zero outside the grid.
 #[allow(clippy::too_many_arguments)]
-fn im2col(x: &[f32], grid: Grid, cin: usize, k: usize, r0: usize, n: usize, col: &mut [f32]) {
+pub(crate) fn im2col(
+    x: &[f32],
+    grid: Grid,
+    cin: usize,
+    k: usize,
+    r0: usize,
+    n: usize,
+    col: &mut [f32],
+) {
     let (h, w) = (grid.height as isize, grid.width as isize);
     let l = grid.len();
     let pad = (k / 2) as isize;
@@ -140,7 +148,7 @@ pub(crate) fn conv2d(
     k: usize,
 ) -> Result<CpuTensor> {
     let cin = check_grid("conv2d", x, grid)?;
-    if k % 2 == 0 {
+    if k.is_multiple_of(2) {
         return Err(Error::input(format!(
             "conv2d: kernel size must be odd for same padding, got {k}"
         )));
@@ -165,23 +173,49 @@ pub(crate) fn conv2d(
     }
     let bias = bias_of("conv2d", b, cout)?;
     let rows = grid.rows();
-    let kc = k * k * cin;
     let xs = x.to_f32_cow();
     let wt = w.to_f32_cow();
     let mut out = vec![0.0f32; rows * cout];
-    prefill_bias(&mut out, cout, bias.as_deref());
-    if rows == 0 || cout == 0 {
-        return Ok(CpuTensor::from_result(out, &[rows, cout], x.dtype()));
-    }
-    // Row chunks: enough to keep every thread busy, each im2col buffer at most
-    // ~8 MiB.
+    conv_f32(&xs, grid, cin, &wt, cout, k, bias.as_deref(), &mut out);
+    Ok(CpuTensor::from_result(out, &[rows, cout], x.dtype()))
+}
+
+/// Row chunking of an im2col convolution over `rows` rows of `kc` columns:
+/// `(rows_per_chunk, chunks)`. Each im2col buffer holds at most ~8 MiB, and
+/// the chunk count is a multiple of the thread count (balanced work).
+pub(crate) fn conv_chunks(rows: usize, kc: usize) -> (usize, usize) {
     let threads = rayon::current_num_threads().max(1);
     let max_rows_mem = ((1usize << 21) / kc.max(1)).max(8);
-    let rows_per = rows.div_ceil(threads).min(max_rows_mem).max(1);
-    let n_chunks = rows.div_ceil(rows_per);
+    let n = rows.div_ceil(max_rows_mem).div_ceil(threads) * threads;
+    let rows_per = rows.div_ceil(n.max(1)).max(1);
+    (rows_per, rows.div_ceil(rows_per))
+}
+
+/// Stride-1 "same" convolution (odd `k > 1`) on f32 slices by im2col + gemm
+/// over row chunks: `xs (grid.rows(), cin)`, OHWI `wt (cout, k, k, cin)`,
+/// `out (grid.rows(), cout)` (overwritten; starts from the bias if given).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_f32(
+    xs: &[f32],
+    grid: Grid,
+    cin: usize,
+    wt: &[f32],
+    cout: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let rows = grid.rows();
+    let kc = k * k * cin;
+    debug_assert_eq!(xs.len(), rows * cin);
+    debug_assert_eq!(wt.len(), cout * kc);
+    debug_assert_eq!(out.len(), rows * cout);
+    prefill_bias(out, cout, bias);
+    if rows == 0 || cout == 0 {
+        return;
+    }
+    let (rows_per, n_chunks) = conv_chunks(rows, kc);
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let xs = &*xs;
-    let wt = &*wt;
     let accumulate = bias.is_some();
     let run = |chunk: usize, col: &mut Vec<f32>| {
         let r0 = chunk * rows_per;
@@ -220,7 +254,6 @@ pub(crate) fn conv2d(
             .into_par_iter()
             .for_each_init(Vec::new, |col, chunk| run(chunk, col));
     }
-    Ok(CpuTensor::from_result(out, &[rows, cout], x.dtype()))
 }
 
 /// Depthwise 3x3 "same" convolution without bias, `w (c, 9)`.
@@ -241,11 +274,19 @@ pub(crate) fn depthwise_conv3x3(x: &CpuTensor, grid: Grid, w: &CpuTensor) -> Res
         }
     }
     let xs = x.to_f32_cow();
-    let xs = &*xs;
     let rows = grid.rows();
     let mut out = vec![0.0f32; rows * c];
+    depthwise_f32(&xs, grid, c, &taps, &mut out);
+    Ok(CpuTensor::from_result(out, &[rows, c], x.dtype()))
+}
+
+/// Depthwise 3x3 "same" convolution on f32 slices with tap-major weights
+/// `taps (9, c)`: `out[r] = sum_t taps[t] * xs[r + offset(t)]` (overwritten).
+pub(crate) fn depthwise_f32(xs: &[f32], grid: Grid, c: usize, taps: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(taps.len(), 9 * c);
+    out.fill(0.0);
     let (h, wd, l) = (grid.height as isize, grid.width as isize, grid.len());
-    for_row_chunks(&mut out, c, |r0, chunk| {
+    for_row_chunks(out, c, |r0, chunk| {
         for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
             let r = r0 + i;
             let b = r / l;
@@ -273,5 +314,4 @@ pub(crate) fn depthwise_conv3x3(x: &CpuTensor, grid: Grid, w: &CpuTensor) -> Res
             }
         }
     });
-    Ok(CpuTensor::from_result(out, &[rows, c], x.dtype()))
 }

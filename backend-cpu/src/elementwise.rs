@@ -7,19 +7,6 @@ use dcdit_core::{Error, Result};
 use crate::tensor::CpuTensor;
 use crate::util::{check_segments, for_row_chunks, for_rows_with_sample, sum};
 
-/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
-#[inline]
-pub(crate) fn gelu_tanh(x: f32) -> f32 {
-    const K: f32 = 0.797_884_6; // sqrt(2 / pi)
-    0.5 * x * (1.0 + (K * (x + 0.044715 * x * x * x)).tanh())
-}
-
-/// `1 / (1 + exp(-x))`.
-#[inline]
-pub(crate) fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// Applies `f` to every element.
 fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync + Send) -> CpuTensor {
     let xs = x.to_f32_cow();
@@ -35,11 +22,13 @@ fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync + Send) -> CpuTensor {
 
 /// Element-wise function.
 pub(crate) fn unary(x: &CpuTensor, op: Unary) -> Result<CpuTensor> {
-    Ok(match op {
-        Unary::Silu => map(x, |v| v * sigmoid(v)),
-        Unary::GeluTanh => map(x, gelu_tanh),
-        Unary::Sigmoid => map(x, sigmoid),
-    })
+    let xs = x.to_f32_cow();
+    let xs = &*xs;
+    let mut out = vec![0.0f32; xs.len()];
+    for_row_chunks(&mut out, 1, |i0, chunk| {
+        crate::math::unary_slice(op, &xs[i0..i0 + chunk.len()], chunk);
+    });
+    Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
 }
 
 /// Element-wise `a op b` on equal shapes.
@@ -197,7 +186,7 @@ fn check_block(op: &str, what: &str, at: usize, c: usize, vc: usize) -> Result<(
     if c == 0 && vc == 0 {
         return Ok(());
     }
-    if c == 0 || vc % c != 0 || at >= vc / c {
+    if c == 0 || !vc.is_multiple_of(c) || at >= vc / c {
         return Err(Error::input(format!(
             "{op}: {what} block {at} of width {c} is not inside ada of width {vc}"
         )));

@@ -32,6 +32,8 @@ mod attention;
 mod dechunk;
 mod dense;
 mod elementwise;
+mod grad;
+mod math;
 mod norm;
 mod tensor;
 mod util;

@@ -10,7 +10,7 @@ use crate::util::{for_row_chunks, sum, sum_sq, sum_sq_dev, PAR_GRAIN};
 
 /// Per-sample, per-group sums over row chunks that never cross samples:
 /// returns `batch * groups` f64 totals of `f(group_slice)`.
-fn group_reduce(
+pub(crate) fn group_reduce(
     xs: &[f32],
     grid: Grid,
     c: usize,

@@ -55,7 +55,7 @@ fn close(what: &str, got: &[f32], want: &[f64], tol: f64) -> Result<(), String> 
     }
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
-        if !(err <= tol * (1.0 + w.abs())) {
+        if err.is_nan() || err > tol * (1.0 + w.abs()) {
             return Err(format!(
                 "{what}: element {i}: got {g}, want {w} (err {err:e})"
             ));

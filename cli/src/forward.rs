@@ -4,7 +4,6 @@ use crate::util::{cpu, parse_fractions, read_config, read_tensors, write_atomic}
 use anyhow::{bail, Context, Result};
 use dcdit_core::model::{Model, TailDrop};
 use dcdit_core::weights::{HostTensor, TensorMap};
-use dcdit_core::Backend;
 use std::path::Path;
 
 pub fn parse_tail_drop(s: &str) -> Result<TailDrop> {

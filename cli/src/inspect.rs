@@ -41,7 +41,7 @@ pub fn run(config: &Path, weights: Option<&Path>, compression: f64) -> Result<()
             reg.infos.len()
         );
     }
-    if !(compression >= 1.0) {
+    if compression.is_nan() || compression < 1.0 {
         bail!("--compression must be >= 1 (got {compression})");
     }
     let l = spec.tokens();

@@ -21,7 +21,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "dcdit-cli", version, about = "Dynamic Chunking Diffusion Transformer (DC-DiT) in Rust")]
+#[command(
+    name = "dcdit-cli",
+    version,
+    about = "Dynamic Chunking Diffusion Transformer (DC-DiT) in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -60,7 +64,7 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Loss terms and gradients of one batch (x, t, y, noise): writes loss, mse, vb, ratio, grad.<key>.
+    /// Loss terms and gradients of one batch (x, t, y, noise): writes loss, mse, vb, ratio, grad.KEY.
     Grad {
         /// Release-format YAML config.
         #[arg(long)]
@@ -89,7 +93,7 @@ enum Cmd {
         /// Config of a new run.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Run directory (default runs/<config name>).
+        /// Run directory (default runs/CONFIG_NAME).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Continue the run in this directory from its latest checkpoint.
@@ -147,19 +151,54 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Forward { config, weights, input, out, tail_drop, backend: BackendKind::Cpu, threads } => {
-            forward::run(&config, &weights, &input, &out, &tail_drop, threads)
-        }
-        Cmd::Grad { config, weights, batch, out, tail_drop, backend: BackendKind::Cpu, threads } => {
-            grad::run(&config, &weights, &batch, &out, &tail_drop, threads)
-        }
-        Cmd::Train { config, out, resume, steps, quiet, backend: BackendKind::Cpu, threads } => {
-            train::run(train::TrainArgs { config, out, resume, steps, threads, quiet })
-        }
+        Cmd::Forward {
+            config,
+            weights,
+            input,
+            out,
+            tail_drop,
+            backend: BackendKind::Cpu,
+            threads,
+        } => forward::run(&config, &weights, &input, &out, &tail_drop, threads),
+        Cmd::Grad {
+            config,
+            weights,
+            batch,
+            out,
+            tail_drop,
+            backend: BackendKind::Cpu,
+            threads,
+        } => grad::run(&config, &weights, &batch, &out, &tail_drop, threads),
+        Cmd::Train {
+            config,
+            out,
+            resume,
+            steps,
+            quiet,
+            backend: BackendKind::Cpu,
+            threads,
+        } => train::run(train::TrainArgs {
+            config,
+            out,
+            resume,
+            steps,
+            threads,
+            quiet,
+        }),
         Cmd::Sample(args) => sample::run(args),
         Cmd::Eval(args) => eval::run(args),
-        Cmd::Bench { config, batch, keep, iters, threads } => bench::run(&config, batch, keep, iters, threads),
-        Cmd::Inspect { config, weights, compression } => inspect::run(&config, weights.as_deref(), compression),
+        Cmd::Bench {
+            config,
+            batch,
+            keep,
+            iters,
+            threads,
+        } => bench::run(&config, batch, keep, iters, threads),
+        Cmd::Inspect {
+            config,
+            weights,
+            compression,
+        } => inspect::run(&config, weights.as_deref(), compression),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

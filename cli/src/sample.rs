@@ -9,7 +9,9 @@ use dcdit_core::config::Config;
 use dcdit_core::model::Model;
 use dcdit_core::sample::{sample, Guide, Method, SampleOptions, StepInfo};
 use dcdit_core::train::sampling_weights;
-use dcdit_data::pictures::{save_chunking_viz, save_compression_plot, save_grid_png, ChunkFrame, StepStats};
+use dcdit_data::pictures::{
+    save_chunking_viz, save_compression_plot, save_grid_png, ChunkFrame, StepStats,
+};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -64,7 +66,11 @@ pub struct SampleArgs {
 }
 
 /// Loads the model of a checkpoint (EMA weights when it is a training checkpoint).
-pub fn load_model(ckpt: &Path, config: Option<&Path>, backend: &CpuBackend) -> Result<Model<CpuBackend>> {
+pub fn load_model(
+    ckpt: &Path,
+    config: Option<&Path>,
+    backend: &CpuBackend,
+) -> Result<Model<CpuBackend>> {
     let map = read_tensors(ckpt)?;
     let cfg = match config {
         Some(c) => crate::util::read_config(c)?,
@@ -73,10 +79,12 @@ pub fn load_model(ckpt: &Path, config: Option<&Path>, backend: &CpuBackend) -> R
                 .metadata
                 .get("config")
                 .with_context(|| format!("{} stores no config: pass --config", ckpt.display()))?;
-            Config::from_yaml_str(text).with_context(|| format!("config stored in {}", ckpt.display()))?
+            Config::from_yaml_str(text)
+                .with_context(|| format!("config stored in {}", ckpt.display()))?
         }
     };
-    Model::load(backend, &cfg, &sampling_weights(&map)).with_context(|| format!("checkpoint {}", ckpt.display()))
+    Model::load(backend, &cfg, &sampling_weights(&map))
+        .with_context(|| format!("checkpoint {}", ckpt.display()))
 }
 
 /// The labels to draw.
@@ -85,7 +93,10 @@ pub fn labels_of(args: &SampleArgs, num_classes: usize) -> Result<Vec<u32>> {
         Some(s) => s
             .split(',')
             .map(|p| {
-                let v: u32 = p.trim().parse().with_context(|| format!("--labels: `{p}` is not a class"))?;
+                let v: u32 = p
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--labels: `{p}` is not a class"))?;
                 if v as usize >= num_classes {
                     bail!("--labels: class {v} out of range (0..{num_classes})");
                 }
@@ -96,7 +107,9 @@ pub fn labels_of(args: &SampleArgs, num_classes: usize) -> Result<Vec<u32>> {
             if args.per_class == 0 {
                 bail!("--per-class must be > 0");
             }
-            Ok((0..num_classes as u32).flat_map(|c| std::iter::repeat_n(c, args.per_class)).collect())
+            Ok((0..num_classes as u32)
+                .flat_map(|c| std::iter::repeat_n(c, args.per_class))
+                .collect())
         }
     }
 }
@@ -106,7 +119,11 @@ pub fn options(args: &SampleArgs) -> Result<SampleOptions> {
     parse_fractions(&args.tail_drop.to_string(), "--tail-drop")?;
     Ok(SampleOptions {
         steps: args.steps,
-        method: if args.ddim { Method::Ddim { eta: 0.0 } } else { Method::Ddpm },
+        method: if args.ddim {
+            Method::Ddim { eta: 0.0 }
+        } else {
+            Method::Ddpm
+        },
         cfg_scale: args.cfg_scale,
         guide: args.guide_first.map(Guide::First).unwrap_or(Guide::All),
         tail_drop: args.tail_drop,
@@ -122,7 +139,12 @@ pub fn viz_steps(steps: usize) -> Vec<usize> {
 }
 
 /// Draws the samples and returns them (NCHW) with the per-step records.
-pub fn draw(backend: &CpuBackend, model: &Model<CpuBackend>, labels: &[u32], opts: &SampleOptions) -> Result<(Vec<f32>, Vec<StepInfo>, Vec<f64>)> {
+pub fn draw(
+    backend: &CpuBackend,
+    model: &Model<CpuBackend>,
+    labels: &[u32],
+    opts: &SampleOptions,
+) -> Result<(Vec<f32>, Vec<StepInfo>, Vec<f64>)> {
     let mut steps = Vec::new();
     let mut secs = Vec::new();
     let mut last = Instant::now();
@@ -145,13 +167,27 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let s = model.spec.clone();
     let labels = labels_of(&args, s.num_classes)?;
     let opts = options(&args)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let t0 = Instant::now();
     let (images, steps, secs) = draw(&backend, &model, &labels, &opts)?;
     let total = t0.elapsed().as_secs_f64();
     let (c, h, w, l) = (s.in_channels, s.height, s.width, s.tokens());
-    let cols = if args.labels.is_none() { args.per_class } else { labels.len().min(10) };
-    save_grid_png(args.out.join("sample.png"), &images, labels.len(), c, h, w, cols, 4)?;
+    let cols = if args.labels.is_none() {
+        args.per_class
+    } else {
+        labels.len().min(10)
+    };
+    save_grid_png(
+        args.out.join("sample.png"),
+        &images,
+        labels.len(),
+        c,
+        h,
+        w,
+        cols,
+        4,
+    )?;
 
     // Chunking visualisation: 8 evenly spaced steps, first sample.
     let routed = !steps[0].boundary_prob.is_empty();
@@ -180,15 +216,23 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .zip(&secs)
         .map(|(st, &sec)| StepStats {
             t: st.t,
-            ratio_cond: if routed { l as f32 / mean_kept(&st.kept_cond) } else { 1.0 },
-            ratio_uncond: (!st.kept_uncond.is_empty()).then(|| l as f32 / mean_kept(&st.kept_uncond)),
+            ratio_cond: if routed {
+                l as f32 / mean_kept(&st.kept_cond)
+            } else {
+                1.0
+            },
+            ratio_uncond: (!st.kept_uncond.is_empty())
+                .then(|| l as f32 / mean_kept(&st.kept_uncond)),
             seconds: sec,
             gflops: st.flops.total() as f64 / 1e9,
         })
         .collect();
     save_compression_plot(args.out.join("compression.png"), &stats)?;
 
-    println!("{:>6} {:>10} {:>10} {:>9} {:>10}", "t", "comp_cond", "comp_unc", "ms", "GFLOP");
+    println!(
+        "{:>6} {:>10} {:>10} {:>9} {:>10}",
+        "t", "comp_cond", "comp_unc", "ms", "GFLOP"
+    );
     let every = (stats.len() / 10).max(1);
     for (i, st) in stats.iter().enumerate() {
         if i % every == 0 || i + 1 == stats.len() {
@@ -196,7 +240,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
                 "{:>6} {:>10.2} {:>10} {:>9.1} {:>10.3}",
                 st.t,
                 st.ratio_cond,
-                st.ratio_uncond.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+                st.ratio_uncond
+                    .map(|r| format!("{r:.2}"))
+                    .unwrap_or_else(|| "-".into()),
                 st.seconds * 1e3,
                 st.gflops
             );
@@ -219,6 +265,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
             String::new()
         }
     );
-    println!("wrote {}/{{sample,chunking_viz,compression}}.png", args.out.display());
+    println!(
+        "wrote {}/{{sample,chunking_viz,compression}}.png",
+        args.out.display()
+    );
     Ok(())
 }

@@ -52,13 +52,18 @@ fn open_data(cfg: &Config) -> Result<(usize, Data)> {
                 n,
                 Box::new(move |idx: &[usize]| {
                     let sel: Vec<usize> = idx.iter().map(|&i| train[i]).collect();
-                    let (x, y) = m.batch_f32(&sel).map_err(|e| dcdit_core::Error::Input(e.to_string()))?;
+                    let (x, y) = m
+                        .batch_f32(&sel)
+                        .map_err(|e| dcdit_core::Error::Input(e.to_string()))?;
                     Ok((x, y.into_iter().map(u32::from).collect()))
                 }),
             ))
         }
         "features" => {
-            let ds = dcdit_data::features::FeatureDataset::open(&cfg.data.feature_path, cfg.data.image_size)?;
+            let ds = dcdit_data::features::FeatureDataset::open(
+                &cfg.data.feature_path,
+                cfg.data.image_size,
+            )?;
             let n = ds.len();
             Ok((
                 n,
@@ -66,7 +71,9 @@ fn open_data(cfg: &Config) -> Result<(usize, Data)> {
                     let mut x = Vec::new();
                     let mut y = Vec::new();
                     for &i in idx {
-                        let (v, _, label) = ds.get(i).map_err(|e| dcdit_core::Error::Input(e.to_string()))?;
+                        let (v, _, label) = ds
+                            .get(i)
+                            .map_err(|e| dcdit_core::Error::Input(e.to_string()))?;
                         x.extend_from_slice(&v);
                         y.push(label as u32);
                     }
@@ -86,7 +93,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             if let Some(c) = cfg {
                 let given = read_config(c)?;
                 if given.model_spec()? != saved.model_spec()? {
-                    bail!("--config {} describes another model than the run in {}", c.display(), dir.display());
+                    bail!(
+                        "--config {} describes another model than the run in {}",
+                        c.display(),
+                        dir.display()
+                    );
                 }
             }
             (saved, dir.clone())
@@ -94,7 +105,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, Some(c)) => {
             let cfg = read_config(c)?;
             let stem = c.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
-            (cfg, args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(stem)))
+            (
+                cfg,
+                args.out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("runs").join(stem)),
+            )
         }
         (None, None) => bail!("give --config (a new run) or --resume RUN_DIR"),
     };
@@ -111,15 +127,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut trainer = Trainer::new(ad, &cfg, &init, opts)?;
     if args.resume.is_some() {
         let ckpt = read_tensors(&dir.join(LATEST))?;
-        trainer.restore(&ckpt).with_context(|| format!("checkpoint in {}", dir.display()))?;
+        trainer
+            .restore(&ckpt)
+            .with_context(|| format!("checkpoint in {}", dir.display()))?;
     } else {
         write_atomic(&dir.join("config.yaml"), cfg.to_yaml_string()?.as_bytes())?;
     }
     let (n_data, mut data) = open_data(&cfg)?;
     let total = cfg.training.steps;
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log.txt"))?;
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total) };
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")?);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log.txt"))?;
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+    )?);
     bar.set_position(trainer.step);
     let start = Instant::now();
     let first = trainer.step;
@@ -158,7 +185,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     bar.finish();
-    eprintln!("trained {} steps in {:.1} s; checkpoint {}", total - first, start.elapsed().as_secs_f64(), dir.join(LATEST).display());
+    eprintln!(
+        "trained {} steps in {:.1} s; checkpoint {}",
+        total - first,
+        start.elapsed().as_secs_f64(),
+        dir.join(LATEST).display()
+    );
     Ok(())
 }
 

@@ -8,9 +8,12 @@ use std::path::Path;
 
 /// Reads and validates a YAML config.
 pub fn read_config(path: &Path) -> Result<Config> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-    let cfg = Config::from_yaml_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
-    cfg.model_spec().with_context(|| format!("config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    let cfg = Config::from_yaml_str(&text)
+        .with_context(|| format!("parsing config {}", path.display()))?;
+    cfg.model_spec()
+        .with_context(|| format!("config {}", path.display()))?;
     Ok(cfg)
 }
 
@@ -25,7 +28,10 @@ pub fn read_tensors(path: &Path) -> Result<TensorMap> {
 /// either the old file or the new one, never a partial one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
@@ -58,6 +64,10 @@ pub fn cpu(threads: Option<usize>) -> Result<CpuBackend> {
 /// Parses `0.3` or `0,0.5,0.9` into fractions.
 pub fn parse_fractions(s: &str, flag: &str) -> Result<Vec<f32>> {
     s.split(',')
-        .map(|p| p.trim().parse::<f32>().with_context(|| format!("{flag}: `{p}` is not a number")))
+        .map(|p| {
+            p.trim()
+                .parse::<f32>()
+                .with_context(|| format!("{flag}: `{p}` is not a number"))
+        })
         .collect()
 }

@@ -175,7 +175,10 @@ pub trait AutodiffBackend: Backend {
     fn value(t: &Self::Tensor) -> &<Self::Inner as Backend>::Tensor;
     /// Back-propagates the given output gradients (several seeds at once) and
     /// clears the tape.
-    fn backward(&self, seeds: &[(&Self::Tensor, <Self::Inner as Backend>::Tensor)]) -> Result<Self::Grads>;
+    fn backward(
+        &self,
+        seeds: &[(&Self::Tensor, <Self::Inner as Backend>::Tensor)],
+    ) -> Result<Self::Grads>;
     /// The gradient of a leaf, if anything reached it.
     fn grad(grads: &Self::Grads, leaf: &Self::Tensor) -> Option<<Self::Inner as Backend>::Tensor>;
     /// Drops whatever the tape recorded (e.g. after an evaluation forward).

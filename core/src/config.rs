@@ -11,7 +11,7 @@
 //! data: { image_size: 64, num_classes: 10 }
 //! "#).unwrap();
 //! let spec = cfg.model_spec().unwrap();
-//! assert_eq!((spec.width, spec.enc_dim, spec.height), (64, 32, 8));
+//! assert_eq!((spec.width_d, spec.enc_dim, spec.height), (64, 32, 8));
 //! # }
 //! ```
 
@@ -349,13 +349,15 @@ impl Config {
     /// Parses the YAML text of a config file.
     #[cfg(feature = "std")]
     pub fn from_yaml_str(text: &str) -> Result<Config> {
-        serde_norway::from_str(text).map_err(|e| Error::config("<yaml>", alloc::string::ToString::to_string(&e)))
+        serde_norway::from_str(text)
+            .map_err(|e| Error::config("<yaml>", alloc::string::ToString::to_string(&e)))
     }
 
     /// Serialises back to YAML (e.g. to save the config used by a run).
     #[cfg(feature = "std")]
     pub fn to_yaml_string(&self) -> Result<String> {
-        serde_norway::to_string(self).map_err(|e| Error::config("<yaml>", alloc::string::ToString::to_string(&e)))
+        serde_norway::to_string(self)
+            .map_err(|e| Error::config("<yaml>", alloc::string::ToString::to_string(&e)))
     }
 
     /// Latent grid `(height, width)`.

@@ -3,7 +3,7 @@
 //! The backend-independent heart of dcdit, a Rust implementation of the
 //! Dynamic Chunking Diffusion Transformer (DC-DiT, arXiv 2603.06351).
 //!
-//! * [`backend`]: the [`Backend`](backend::Backend) trait every device implements.
+//! * [`backend`]: the [`Backend`] trait every device implements.
 //! * Allocation-free algorithms on caller-provided slices, one file per paper term:
 //!   [`router`] (boundary selection, tail dropping, cosine scores),
 //!   [`chunk`] (kept-token order), [`dechunk`] (distance-weighted smoothing,
@@ -33,8 +33,8 @@ pub mod ratio_loss;
 pub mod rng;
 pub mod router;
 pub mod sample;
-pub mod train;
 pub mod scheduler;
+pub mod train;
 pub mod weights;
 
 pub use backend::{Backend, DType, Grid, Segments};

@@ -41,17 +41,31 @@ pub struct LossTerms {
 /// Diffusion loss of the model output `out` (`(B*L, Cout)` rows, eps then v
 /// channels), averaged over the batch; writes `d loss / d out` scaled by
 /// `weight` into `grad_out`. Returns `(mean mse, mean vb)`.
-pub fn diffusion_loss(sched: &Ddpm, batch: DiffusionBatch, out: &[f32], weight: f32, grad_out: &mut [f32]) -> Result<(f32, f32)> {
+pub fn diffusion_loss(
+    sched: &Ddpm,
+    batch: DiffusionBatch,
+    out: &[f32],
+    weight: f32,
+    grad_out: &mut [f32],
+) -> Result<(f32, f32)> {
     let c = batch.channels;
     let b = batch.t.len();
     let n = batch.x0.len();
-    if b == 0 || c == 0 || n % (b * c) != 0 || batch.noise.len() != n || batch.x_t.len() != n {
+    if b == 0
+        || c == 0
+        || !n.is_multiple_of(b * c)
+        || batch.noise.len() != n
+        || batch.x_t.len() != n
+    {
         return Err(Error::input("diffusion loss: inconsistent batch sizes"));
     }
     let rows = n / c;
     let cout = out.len() / rows.max(1);
     if out.len() != rows * cout || (cout != c && cout != 2 * c) || grad_out.len() != out.len() {
-        return Err(Error::input(format!("diffusion loss: output of {} values for {rows} rows of {c} channels", out.len())));
+        return Err(Error::input(format!(
+            "diffusion loss: output of {} values for {rows} rows of {c} channels",
+            out.len()
+        )));
     }
     let learned = cout == 2 * c;
     let per = n / b; // elements per sample
@@ -82,7 +96,14 @@ pub fn diffusion_loss(sched: &Ddpm, batch: DiffusionBatch, out: &[f32], weight: 
             return Err(Error::input(format!("timestep {t} out of range")));
         }
         if learned {
-            let vb = sched.vb_grad_v(&batch.x0[range.clone()], &batch.x_t[range], &eps, &v, t, &mut gv);
+            let vb = sched.vb_grad_v(
+                &batch.x0[range.clone()],
+                &batch.x_t[range],
+                &eps,
+                &v,
+                t,
+                &mut gv,
+            );
             vb_sum += vb as f64;
             for i in 0..per {
                 grad_out[(r0 + i / c) * cout + c + i % c] = scale * gv[i];
@@ -119,7 +140,14 @@ pub fn objective(
     }
     let loss = mse + vb + lambda * ratio;
     if !loss.is_finite() {
-        return Err(Error::NonFinite(format!("loss (mse {mse}, vb {vb}, ratio {ratio})")));
+        return Err(Error::NonFinite(format!(
+            "loss (mse {mse}, vb {vb}, ratio {ratio})"
+        )));
     }
-    Ok(LossTerms { loss, mse, vb, ratio })
+    Ok(LossTerms {
+        loss,
+        mse,
+        vb,
+        ratio,
+    })
 }

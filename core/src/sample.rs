@@ -111,14 +111,19 @@ pub fn sample<B: Backend>(
         return Err(Error::input("no labels to sample"));
     }
     if opts.steps == 0 || opts.steps > 1000 {
-        return Err(Error::input(format!("{} sampling steps (want 1..=1000)", opts.steps)));
+        return Err(Error::input(format!(
+            "{} sampling steps (want 1..=1000)",
+            opts.steps
+        )));
     }
     if !(opts.cfg_scale.is_finite() && opts.cfg_scale >= 0.0) {
         return Err(Error::input(format!("guidance scale {}", opts.cfg_scale)));
     }
     let guided = opts.cfg_scale != 1.0;
     if guided && !s.null_class {
-        return Err(Error::input("guidance needs the null class (class_dropout_prob > 0)"));
+        return Err(Error::input(
+            "guidance needs the null class (class_dropout_prob > 0)",
+        ));
     }
     let (c, l) = (s.in_channels, s.tokens());
     let base = Ddpm::linear(1000);
@@ -131,7 +136,10 @@ pub fn sample<B: Backend>(
     let mut fractions = vec![opts.tail_drop; n];
     if guided {
         y.extend(core::iter::repeat_n(s.num_classes as u32, n));
-        fractions.extend(core::iter::repeat_n(opts.uncond_tail_drop.unwrap_or(opts.tail_drop), n));
+        fractions.extend(core::iter::repeat_n(
+            opts.uncond_tail_drop.unwrap_or(opts.tail_drop),
+            n,
+        ));
     }
     let tail = TailDrop::PerSample(fractions);
     tail.resolve(batch)?;
@@ -142,7 +150,11 @@ pub fn sample<B: Backend>(
     let mut noise = vec![0.0f32; n * l * c];
     for (index, ti) in (0..opts.steps).rev().enumerate() {
         let t = map[ti];
-        let input = if guided { [x.as_slice(), x.as_slice()].concat() } else { x.clone() };
+        let input = if guided {
+            [x.as_slice(), x.as_slice()].concat()
+        } else {
+            x.clone()
+        };
         let xt = backend.from_f32(&input, &[batch * l, c])?;
         let tt = vec![t as f32; batch];
         let res = model.forward(backend, &xt, &tt, &y, &tail)?;
@@ -174,15 +186,30 @@ pub fn sample<B: Backend>(
             index,
             t,
             x_t: nhwc_to_nchw(&x, n, c, l),
-            boundary_prob: routing.map(|r| r.boundary_prob[..n * l].to_vec()).unwrap_or_default(),
+            boundary_prob: routing
+                .map(|r| r.boundary_prob[..n * l].to_vec())
+                .unwrap_or_default(),
             kept_cond: routing.map(|r| r.kept[..n].to_vec()).unwrap_or_default(),
-            kept_uncond: routing.filter(|_| guided).map(|r| r.kept[n..].to_vec()).unwrap_or_default(),
+            kept_uncond: routing
+                .filter(|_| guided)
+                .map(|r| r.kept[n..].to_vec())
+                .unwrap_or_default(),
             flops: res.flops,
         });
         noise.iter_mut().for_each(|z| *z = rng.normal() as f32);
         match opts.method {
-            Method::Ddpm => sched.ddpm_step_opt(&x, &eps, learned.then_some(v.as_slice()), ti, &noise, opts.clip_x0, &mut next),
-            Method::Ddim { eta } => sched.ddim_step_opt(&x, &eps, ti, eta, &noise, opts.clip_x0, &mut next),
+            Method::Ddpm => sched.ddpm_step_opt(
+                &x,
+                &eps,
+                learned.then_some(v.as_slice()),
+                ti,
+                &noise,
+                opts.clip_x0,
+                &mut next,
+            ),
+            Method::Ddim { eta } => {
+                sched.ddim_step_opt(&x, &eps, ti, eta, &noise, opts.clip_x0, &mut next)
+            }
         }
         core::mem::swap(&mut x, &mut next);
     }

@@ -73,12 +73,19 @@ impl TrainOptions {
         if t.global_batch_size == 0 {
             return bad("training.global_batch_size", "must be > 0");
         }
-        if t.gradient_accumulation_steps == 0 || t.global_batch_size % t.gradient_accumulation_steps != 0 {
-            return bad("training.gradient_accumulation_steps", "must be > 0 and divide global_batch_size");
+        if t.gradient_accumulation_steps == 0
+            || !t
+                .global_batch_size
+                .is_multiple_of(t.gradient_accumulation_steps)
+        {
+            return bad(
+                "training.gradient_accumulation_steps",
+                "must be > 0 and divide global_batch_size",
+            );
         }
         let micro = t.global_batch_size / t.gradient_accumulation_steps;
         if let Some(g) = t.ratio_batch_size {
-            if g == 0 || micro % g != 0 {
+            if g == 0 || !micro.is_multiple_of(g) {
                 return Err(Error::config(
                     "training.ratio_batch_size",
                     format!("{g} must divide the micro-batch of {micro}"),
@@ -91,14 +98,22 @@ impl TrainOptions {
         if !(0.0..1.0).contains(&t.ema_decay) {
             return bad("training.ema_decay", "must be in [0, 1)");
         }
-        if !(t.downsample_factor > 1.0) {
+        if t.downsample_factor.partial_cmp(&1.0) != Some(core::cmp::Ordering::Greater) {
             return bad("training.downsample_factor", "must be > 1");
         }
         if !(0.0..=1.0).contains(&t.class_dropout_prob) {
             return bad("training.class_dropout_prob", "must be in [0, 1]");
         }
-        if t.multi_budget_training && (t.multi_budget_drop_fractions.is_empty() || t.multi_budget_drop_fractions.iter().any(|f| !(0.0..1.0).contains(f))) {
-            return bad("training.multi_budget_drop_fractions", "must be non-empty fractions in [0, 1)");
+        if t.multi_budget_training
+            && (t.multi_budget_drop_fractions.is_empty()
+                || t.multi_budget_drop_fractions
+                    .iter()
+                    .any(|f| !(0.0..1.0).contains(f)))
+        {
+            return bad(
+                "training.multi_budget_drop_fractions",
+                "must be non-empty fractions in [0, 1)",
+            );
         }
         Ok(TrainOptions {
             batch: t.global_batch_size,
@@ -121,9 +136,12 @@ impl TrainOptions {
                 .downsample_factor_start
                 .filter(|_| t.downsample_factor_warmup_steps > 0)
                 .map(|s| (s, t.downsample_factor_warmup_steps)),
-            multi_budget: t
-                .multi_budget_training
-                .then(|| (t.multi_budget_drop_fractions.clone(), t.multi_budget_start_step.unwrap_or(0) as u64)),
+            multi_budget: t.multi_budget_training.then(|| {
+                (
+                    t.multi_budget_drop_fractions.clone(),
+                    t.multi_budget_start_step.unwrap_or(0) as u64,
+                )
+            }),
             seed: t.seed,
         })
     }
@@ -179,8 +197,22 @@ pub struct Batch {
     pub noise: Vec<f32>,
 }
 
+/// A source of training data: `(x0 NCHW, labels)` of the given dataset entries.
+pub type DataSource<'a> = dyn FnMut(&[usize]) -> Result<(Vec<f32>, Vec<u32>)> + 'a;
+
+/// What [`loss_and_grads`] returns.
+pub struct BatchGrads<A: AutodiffBackend> {
+    /// Loss terms.
+    pub terms: LossTerms,
+    /// Gradient per parameter (`None` where nothing reached it), in `ParamId` order.
+    pub grads: Vec<Option<InnerT<A>>>,
+    /// Natural and effective compression of the batch (DC-DiT only).
+    pub compression: Option<(f32, f32)>,
+}
+
 /// Loss terms and parameter gradients (device tensors, `None` where nothing
 /// reached) of one batch: the function behind both training and `dcdit-cli grad`.
+#[allow(clippy::too_many_arguments)]
 pub fn loss_and_grads<A: AutodiffBackend>(
     ad: &A,
     model: &Model<A>,
@@ -190,11 +222,14 @@ pub fn loss_and_grads<A: AutodiffBackend>(
     target_n: f32,
     tail: &TailDrop,
     seed_scale: f32,
-) -> Result<(LossTerms, Vec<Option<InnerT<A>>>, Option<(f32, f32)>)> {
+) -> Result<BatchGrads<A>> {
     let s = &model.spec;
     let (b, c, l) = (batch.t.len(), s.in_channels, s.tokens());
     if batch.x0.len() != b * c * l || batch.noise.len() != b * c * l || batch.y.len() != b {
-        return Err(Error::input(format!("batch: x/noise must be {b}x{c}x{}x{}, y {b} labels", s.height, s.width)));
+        return Err(Error::input(format!(
+            "batch: x/noise must be {b}x{c}x{}x{}, y {b} labels",
+            s.height, s.width
+        )));
     }
     let x0 = nchw_to_nhwc(&batch.x0, b, c, l);
     let noise = nchw_to_nhwc(&batch.noise, b, c, l);
@@ -217,7 +252,13 @@ pub fn loss_and_grads<A: AutodiffBackend>(
     let routing = res.routing.as_ref();
     let terms = objective(
         sched,
-        DiffusionBatch { x0: &x0, noise: &noise, x_t: &x_t, t: &batch.t, channels: c },
+        DiffusionBatch {
+            x0: &x0,
+            noise: &noise,
+            x_t: &x_t,
+            t: &batch.t,
+            channels: c,
+        },
         &out,
         routing.map(|r| (r.boundary_prob.as_slice(), r.natural.as_slice())),
         opts.ratio_weight,
@@ -227,21 +268,36 @@ pub fn loss_and_grads<A: AutodiffBackend>(
         &mut grad_p,
     )?;
     if seed_scale != 1.0 {
-        grad_out.iter_mut().chain(grad_p.iter_mut()).for_each(|g| *g *= seed_scale);
+        grad_out
+            .iter_mut()
+            .chain(grad_p.iter_mut())
+            .for_each(|g| *g *= seed_scale);
     }
     let g_out = inner.from_f32(&grad_out, &[b * l, s.out_channels])?;
     let mut seeds = vec![(&res.out, g_out)];
     let compression = routing.map(|r| {
         let nat: usize = r.natural.iter().filter(|m| **m).count();
         let kept: usize = r.kept.iter().sum();
-        ((b * l) as f32 / nat.max(1) as f32, (b * l) as f32 / kept.max(1) as f32)
+        (
+            (b * l) as f32 / nat.max(1) as f32,
+            (b * l) as f32 / kept.max(1) as f32,
+        )
     });
     if let Some(r) = routing {
         seeds.push((&r.p, inner.from_f32(&grad_p, &[b * l, 1])?));
     }
     let grads = ad.backward(&seeds)?;
-    let g = model.params.tensors.iter().map(|leaf| A::grad(&grads, leaf)).collect();
-    Ok((terms, g, compression))
+    let grads = model
+        .params
+        .tensors
+        .iter()
+        .map(|leaf| A::grad(&grads, leaf))
+        .collect();
+    Ok(BatchGrads {
+        terms,
+        grads,
+        compression,
+    })
 }
 
 /// Model, optimiser state and EMA of a training run.
@@ -271,7 +327,12 @@ impl<A: AutodiffBackend> Trainer<A> {
     /// A trainer starting from `init` (release key names), EMA = `init`.
     pub fn new(ad: A, cfg: &Config, init: &TensorMap, opts: TrainOptions) -> Result<Self> {
         let model = tracked_model(&ad, cfg, init)?;
-        let params: Vec<InnerT<A>> = model.params.tensors.iter().map(|t| A::value(t).clone()).collect();
+        let params: Vec<InnerT<A>> = model
+            .params
+            .tensors
+            .iter()
+            .map(|t| A::value(t).clone())
+            .collect();
         let inner = ad.inner();
         let mut m = Vec::with_capacity(params.len());
         let mut v = Vec::with_capacity(params.len());
@@ -308,18 +369,28 @@ impl<A: AutodiffBackend> Trainer<A> {
     /// Draws a micro-batch: `source(indices)` returns `(x0 NCHW, labels)` of
     /// the dataset entries; timesteps, noise and class dropout come from the
     /// trainer's RNG.
-    fn draw(&mut self, n_data: usize, micro: usize, source: &mut dyn FnMut(&[usize]) -> Result<(Vec<f32>, Vec<u32>)>) -> Result<Batch> {
+    fn draw(&mut self, n_data: usize, micro: usize, source: &mut DataSource) -> Result<Batch> {
         let idx: Vec<usize> = (0..micro).map(|_| self.rng.below(n_data)).collect();
         let (x0, labels) = source(&idx)?;
         let s = &self.model.spec;
         let per = s.in_channels * s.tokens();
         if x0.len() != micro * per || labels.len() != micro {
-            return Err(Error::input("data source returned a batch of the wrong size"));
+            return Err(Error::input(
+                "data source returned a batch of the wrong size",
+            ));
         }
-        let t: Vec<usize> = (0..micro).map(|_| self.rng.below(self.sched.num_timesteps())).collect();
+        let t: Vec<usize> = (0..micro)
+            .map(|_| self.rng.below(self.sched.num_timesteps()))
+            .collect();
         let y = labels
             .iter()
-            .map(|&l| if s.null_class && (self.rng.uniform() as f32) < self.opts.class_dropout { s.num_classes as u32 } else { l })
+            .map(|&l| {
+                if s.null_class && (self.rng.uniform() as f32) < self.opts.class_dropout {
+                    s.num_classes as u32
+                } else {
+                    l
+                }
+            })
             .collect();
         let noise = (0..micro * per).map(|_| self.rng.normal() as f32).collect();
         Ok(Batch { x0, t, y, noise })
@@ -327,7 +398,7 @@ impl<A: AutodiffBackend> Trainer<A> {
 
     /// One optimiser step over `opts.batch` samples drawn from a dataset of
     /// `n_data` entries.
-    pub fn step(&mut self, n_data: usize, source: &mut dyn FnMut(&[usize]) -> Result<(Vec<f32>, Vec<u32>)>) -> Result<StepStats> {
+    pub fn step(&mut self, n_data: usize, source: &mut DataSource) -> Result<StepStats> {
         if n_data == 0 {
             return Err(Error::input("empty dataset"));
         }
@@ -336,19 +407,41 @@ impl<A: AutodiffBackend> Trainer<A> {
         let micro = self.opts.batch / acc;
         let target_n = self.opts.n_at(self.step);
         let frac = self.opts.drop_at(self.step);
-        let tail = if frac > 0.0 { TailDrop::Uniform(frac) } else { TailDrop::None };
+        let tail = if frac > 0.0 {
+            TailDrop::Uniform(frac)
+        } else {
+            TailDrop::None
+        };
         let mut sum: Vec<Option<InnerT<A>>> = vec![None; self.params.len()];
-        let mut stats = StepStats { target_n, drop_fraction: frac, ..StepStats::default() };
+        let mut stats = StepStats {
+            target_n,
+            drop_fraction: frac,
+            ..StepStats::default()
+        };
         for _ in 0..acc {
             let batch = self.draw(n_data, micro, source)?;
             for (leaf, p) in self.model.params.tensors.iter_mut().zip(&self.params) {
                 *leaf = self.ad.leaf(p.clone());
             }
-            let (terms, grads, comp) =
-                loss_and_grads(&self.ad, &self.model, &self.sched, &batch, &self.opts, target_n, &tail, 1.0 / acc as f32)?;
+            let BatchGrads {
+                terms,
+                grads,
+                compression: comp,
+            } = loss_and_grads(
+                &self.ad,
+                &self.model,
+                &self.sched,
+                &batch,
+                &self.opts,
+                target_n,
+                &tail,
+                1.0 / acc as f32,
+            )?;
             for (s, g) in sum.iter_mut().zip(grads) {
                 *s = match (s.take(), g) {
-                    (Some(a), Some(b)) => Some(inner.binary(&a, &b, crate::backend::Binary::Add)?),
+                    (Some(a), Some(b)) => {
+                        Some(inner.binary(&a, &b, crate::backend::Binary::Add)?)
+                    }
                     (a, b) => a.or(b),
                 };
             }
@@ -369,19 +462,26 @@ impl<A: AutodiffBackend> Trainer<A> {
         }
         let norm = libm::sqrt(sq) as f32;
         if !norm.is_finite() {
-            return Err(Error::NonFinite(format!("gradient norm at step {}", self.step)));
+            return Err(Error::NonFinite(format!(
+                "gradient norm at step {}",
+                self.step
+            )));
         }
         stats.grad_norm = norm;
         let coef = (self.opts.max_grad_norm / (norm + 1e-6)).min(1.0);
         self.step += 1;
-        let hp = AdamW { step: self.step, ..self.opts.adamw };
+        let hp = AdamW {
+            step: self.step,
+            ..self.opts.adamw
+        };
         let infos = &self.model.params.registry.infos;
         for i in 0..self.params.len() {
             let Some(g) = &sum[i] else { continue };
             if !infos[i].trainable {
                 continue;
             }
-            let (p, m, v) = inner.adamw_step(&self.params[i], g, &self.m[i], &self.v[i], hp, coef)?;
+            let (p, m, v) =
+                inner.adamw_step(&self.params[i], g, &self.m[i], &self.v[i], hp, coef)?;
             self.params[i] = p;
             self.m[i] = m;
             self.v[i] = v;
@@ -395,7 +495,10 @@ impl<A: AutodiffBackend> Trainer<A> {
         Model {
             spec: self.model.spec.clone(),
             net: self.model.net.clone(),
-            params: Params { registry: self.model.params.registry.clone(), tensors: self.ema.clone() },
+            params: Params {
+                registry: self.model.params.registry.clone(),
+                tensors: self.ema.clone(),
+            },
         }
     }
 
@@ -406,16 +509,27 @@ impl<A: AutodiffBackend> Trainer<A> {
         let inner = self.ad.inner();
         let mut out = TensorMap::default();
         for (i, info) in self.model.params.registry.infos.iter().enumerate() {
-            for (prefix, t) in [("model", &self.params[i]), ("ema", &self.ema[i]), ("adam_m", &self.m[i]), ("adam_v", &self.v[i])] {
-                out.insert(&format!("{prefix}.{}", info.name), HostTensor::new(info.shape.clone(), download(inner, info, t)?)?);
+            for (prefix, t) in [
+                ("model", &self.params[i]),
+                ("ema", &self.ema[i]),
+                ("adam_m", &self.m[i]),
+                ("adam_v", &self.v[i]),
+            ] {
+                out.insert(
+                    &format!("{prefix}.{}", info.name),
+                    HostTensor::new(info.shape.clone(), download(inner, info, t)?)?,
+                );
             }
         }
         let s = self.rng.state();
-        out.metadata.insert("format".into(), "dcdit-train-v1".into());
+        out.metadata
+            .insert("format".into(), "dcdit-train-v1".into());
         out.metadata.insert("step".into(), self.step.to_string());
-        out.metadata.insert("rng".into(), format!("{} {} {} {}", s[0], s[1], s[2], s[3]));
+        out.metadata
+            .insert("rng".into(), format!("{} {} {} {}", s[0], s[1], s[2], s[3]));
         #[cfg(feature = "std")]
-        out.metadata.insert("config".into(), self.config.to_yaml_string()?);
+        out.metadata
+            .insert("config".into(), self.config.to_yaml_string()?);
         Ok(out)
     }
 
@@ -423,16 +537,29 @@ impl<A: AutodiffBackend> Trainer<A> {
     /// model (a missing, unexpected or misshapen tensor is named).
     pub fn restore(&mut self, ckpt: &TensorMap) -> Result<()> {
         if ckpt.metadata.get("format").map(String::as_str) != Some("dcdit-train-v1") {
-            return Err(Error::Format("not a dcdit training checkpoint (metadata `format`)".into()));
+            return Err(Error::Format(
+                "not a dcdit training checkpoint (metadata `format`)".into(),
+            ));
         }
-        let step: u64 = ckpt.metadata.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| Error::Format("checkpoint metadata `step`".into()))?;
-        let words: Vec<u64> = ckpt.metadata.get("rng").map(|s| s.split(' ').filter_map(|w| w.parse().ok()).collect()).unwrap_or_default();
+        let step: u64 = ckpt
+            .metadata
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::Format("checkpoint metadata `step`".into()))?;
+        let words: Vec<u64> = ckpt
+            .metadata
+            .get("rng")
+            .map(|s| s.split(' ').filter_map(|w| w.parse().ok()).collect())
+            .unwrap_or_default();
         if words.len() != 4 {
             return Err(Error::Format("checkpoint metadata `rng`".into()));
         }
         let prefixes = ["model", "ema", "adam_m", "adam_v"];
         let reg = &self.model.params.registry;
-        ckpt.reject_unknown(|k| k.split_once('.').is_some_and(|(p, rest)| prefixes.contains(&p) && reg.find(rest).is_some()))?;
+        ckpt.reject_unknown(|k| {
+            k.split_once('.')
+                .is_some_and(|(p, rest)| prefixes.contains(&p) && reg.find(rest).is_some())
+        })?;
         let inner = self.ad.inner();
         let mut loaded: [Vec<InnerT<A>>; 4] = Default::default();
         for (slot, prefix) in loaded.iter_mut().zip(prefixes) {
@@ -475,13 +602,22 @@ pub fn training_schedule() -> Result<Ddpm> {
 }
 
 /// Loads `weights` into a model whose trainable parameters are tracked leaves.
-pub fn tracked_model<A: AutodiffBackend>(ad: &A, cfg: &Config, weights: &TensorMap) -> Result<Model<A>> {
+pub fn tracked_model<A: AutodiffBackend>(
+    ad: &A,
+    cfg: &Config,
+    weights: &TensorMap,
+) -> Result<Model<A>> {
     let plain: Model<Inner<A>> = Model::load(ad.inner(), cfg, weights)?;
     Ok(Model {
         spec: plain.spec,
         net: plain.net,
         params: Params {
-            tensors: plain.params.tensors.into_iter().map(|t| ad.leaf(t)).collect(),
+            tensors: plain
+                .params
+                .tensors
+                .into_iter()
+                .map(|t| ad.leaf(t))
+                .collect(),
             registry: plain.params.registry,
         },
     })
@@ -490,12 +626,19 @@ pub fn tracked_model<A: AutodiffBackend>(ad: &A, cfg: &Config, weights: &TensorM
 /// Loss terms and the gradient of every trainable parameter (release key
 /// names and layouts; zeros where nothing reached) for one batch with labels
 /// used as given: what `dcdit-cli grad` writes and the golden tests check.
-pub fn batch_gradients<A: AutodiffBackend>(ad: &A, cfg: &Config, weights: &TensorMap, batch: &Batch, tail: &TailDrop) -> Result<(LossTerms, TensorMap)> {
+pub fn batch_gradients<A: AutodiffBackend>(
+    ad: &A,
+    cfg: &Config,
+    weights: &TensorMap,
+    batch: &Batch,
+    tail: &TailDrop,
+) -> Result<(LossTerms, TensorMap)> {
     let model = tracked_model(ad, cfg, weights)?;
     let mut opts = TrainOptions::from_config(cfg)?;
     opts.ratio_group = cfg.training.ratio_batch_size;
     let sched = training_schedule()?;
-    let (terms, grads, _) = loss_and_grads(ad, &model, &sched, batch, &opts, opts.target_n, tail, 1.0)?;
+    let BatchGrads { terms, grads, .. } =
+        loss_and_grads(ad, &model, &sched, batch, &opts, opts.target_n, tail, 1.0)?;
     let mut out = TensorMap::default();
     for (info, g) in model.params.registry.infos.iter().zip(grads) {
         if !info.trainable {
@@ -505,7 +648,10 @@ pub fn batch_gradients<A: AutodiffBackend>(ad: &A, cfg: &Config, weights: &Tenso
             Some(g) => download(ad.inner(), info, &g)?,
             None => vec![0.0; info.numel()],
         };
-        out.insert(&format!("grad.{}", info.name), HostTensor::new(info.shape.clone(), data)?);
+        out.insert(
+            &format!("grad.{}", info.name),
+            HostTensor::new(info.shape.clone(), data)?,
+        );
     }
     Ok((terms, out))
 }

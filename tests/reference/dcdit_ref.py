@@ -647,12 +647,16 @@ class Diffusion:
                 last = ac
         return Diffusion(np.array(nb), keep)
 
-    @staticmethod
-    def ext(arr, t, shape):
-        res = torch.from_numpy(arr)[t.long()].float()
+    # Precision of the loss terms: float32 as the release; float64 for the
+    # golden gradients (PyTorch's f32 t = 0 decoder NLL has ~1e-3 relative
+    # round-off in its gradient, from the cdf difference).
+    dtype = torch.float32
+
+    def ext(self, arr, t, shape):
+        res = torch.from_numpy(arr)[t.long()].to(self.dtype)
         while res.dim() < len(shape):
             res = res[..., None]
-        return res + torch.zeros(shape)
+        return res + torch.zeros(shape, dtype=self.dtype)
 
     def q_sample(self, x0, t, noise):
         return self.ext(self.sqrt_alphas_cumprod, t, x0.shape) * x0 + \
@@ -763,14 +767,22 @@ def ratio_loss(p: torch.Tensor, natural: torch.Tensor, N: float, ratio_batch_siz
     return sw(avg, tr).mean()
 
 
-def training_loss(model, diffusion: Diffusion, x0, t, y, noise, tail_drop_frac=0.0):
+def training_loss(model, diffusion: Diffusion, x0, t, y, noise, tail_drop_frac=0.0,
+                  loss_dtype=torch.float32):
     cfg = model.cfg
     t = t.long()
     xt = diffusion.q_sample(x0, t, noise)
     res = model(xt, t, y, tail_drop_frac)
-    mse, vb = diffusion.training_terms(res["out"], x0, xt, t, noise)
+    diffusion.dtype = loss_dtype
+    try:
+        mse, vb = diffusion.training_terms(res["out"].to(loss_dtype), x0.to(loss_dtype),
+                                           xt.to(loss_dtype), t, noise.to(loss_dtype))
+    finally:
+        diffusion.dtype = torch.float32
     per = mse + vb if vb is not None else mse
-    diff_loss = per.mean()
+    diff_loss = per.mean().float()
+    mse = mse.float()
+    vb = vb.float() if vb is not None else None
     if cfg.name == "DC-DiT" and cfg.ratio_loss_weight > 0:
         N = cfg.downsample_factor
         N = N[0] if isinstance(N, list) else N

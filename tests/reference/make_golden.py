@@ -365,7 +365,9 @@ def grad_case(name, cfgd, *, seed, B, dtype, tail, t_list, y_list,
     sd = write_common(d, cfgd, sd, dtype)
     m = make_model(cfg, sd)
     m.zero_grad()
-    res = R.training_loss(m, diff, x, t, y.long(), noise, tail)
+    # Loss terms in float64 (the model stays f32): PyTorch's f32 decoder NLL at
+    # t = 0 is off by ~1e-3 in its gradient, more than the 1e-4 the tests hold.
+    res = R.training_loss(m, diff, x, t, y.long(), noise, tail, loss_dtype=torch.float64)
     res["loss"].backward()
     ok, why = margins_ok(res["model"]["boundary_prob"].detach(), res["model"]["natural_mask"], tail)
     assert ok, why

@@ -1,0 +1,93 @@
+//! Timings of the heavy backward ops at DC-DiT-B-like sizes, next to their
+//! forwards: `cargo run --release -p dcdit-backend-cpu --example grad_bench [threads]`.
+
+use std::time::Instant;
+
+use dcdit_backend_cpu::{CpuBackend, CpuTensor};
+use dcdit_core::backend::{uniform_segments, Backend, Grid};
+use dcdit_core::backend_grad::GradBackend;
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Best wall time of `reps` runs (after one warm-up), in milliseconds (the
+/// minimum is the robust statistic on a shared machine).
+fn time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    std::hint::black_box(f());
+    let mut ts: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            std::hint::black_box(f());
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ts.sort_by(|a, b| a.total_cmp(b));
+    ts[0]
+}
+
+fn main() -> dcdit_core::Result<()> {
+    let threads = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
+    let b = CpuBackend::with_threads(threads);
+    println!("{}", b.name());
+    let t =
+        |v: Vec<f32>, shape: &[usize]| -> dcdit_core::Result<CpuTensor> { b.from_f32(&v, shape) };
+
+    let grid = Grid {
+        batch: 8,
+        height: 32,
+        width: 32,
+    };
+    let (rows, c) = (grid.rows(), 192);
+    let x = t(data(rows * c, 1), &[rows, c])?;
+    let g = t(data(rows * c, 2), &[rows, c])?;
+    for k in [1usize, 3] {
+        let w = t(data(c * k * k * c, 3), &[c, k, k, c])?;
+        let bias = t(data(c, 4), &[c])?;
+        let fwd = time(7, || b.conv2d(&x, grid, &w, Some(&bias), k).unwrap());
+        let bwd = time(7, || b.conv2d_backward(&x, grid, &w, k, &g).unwrap());
+        let gflop = 2.0 * (rows * c * c * k * k) as f64 * 1e-9;
+        println!(
+            "conv2d k={k} ({rows} rows, {c}->{c}): forward {fwd:.1} ms ({:.1} GFLOP/s), backward {bwd:.1} ms ({:.1} GFLOP/s)",
+            gflop / fwd * 1e3,
+            2.0 * gflop / bwd * 1e3
+        );
+    }
+
+    let (segs, len, d, heads) = (8, 256, 768, 12);
+    let seg = uniform_segments(segs, len);
+    let tt = segs * len;
+    let qkv = t(data(tt * 3 * d, 5), &[tt, 3 * d])?;
+    let go = t(data(tt * d, 6), &[tt, d])?;
+    let fwd = time(7, || b.attention(&qkv, heads, &seg).unwrap());
+    let bwd = time(7, || b.attention_backward(&qkv, heads, &seg, &go).unwrap());
+    // Forward: 2 gemms of 2 n^2 d flops per segment; backward: 5.
+    let gflop = (segs * 2 * len * len * d) as f64 * 1e-9;
+    println!(
+        "attention ({segs} x {len} rows, d {d}, {heads} heads): forward {fwd:.1} ms ({:.1} GFLOP/s), backward {bwd:.1} ms ({:.1} GFLOP/s)",
+        2.0 * gflop / fwd * 1e3,
+        5.0 * gflop / bwd * 1e3
+    );
+
+    let a = t(data(tt * d, 7), &[tt, d])?;
+    let wl = t(data(d * d, 8), &[d, d])?;
+    let mm = time(7, || b.matmul(&a, &wl, false, false).unwrap());
+    let mmt = time(7, || b.matmul(&a, &a, true, false).unwrap());
+    println!(
+        "matmul ({tt}x{d})·({d}x{d}): {mm:.1} ms; ({tt}x{d})^T·({tt}x{d}): {mmt:.1} ms ({:.1} / {:.1} GFLOP/s)",
+        2.0 * (tt * d * d) as f64 * 1e-6 / mm,
+        2.0 * (tt * d * d) as f64 * 1e-6 / mmt
+    );
+    Ok(())
+}
