@@ -120,7 +120,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let spec = cfg.model_spec()?;
     let opts = TrainOptions::from_config(&cfg)?;
+    if args.resume.is_none() && dir.join(LATEST).exists() {
+        bail!(
+            "{} already holds a run: continue it with --resume {}, or choose another --out",
+            dir.display(),
+            dir.display()
+        );
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    remove_stale_temporaries(&dir);
     let ad = Autodiff::new(cpu(args.threads)?);
     let (_, reg) = model::build(&spec);
     let init = init_weights(&spec, &reg, cfg.training.seed)?;
@@ -192,6 +200,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
         dir.join(LATEST).display()
     );
     Ok(())
+}
+
+/// Removes the temporary files of a run killed while writing a checkpoint
+/// (the checkpoint itself is only ever replaced by a rename, so it is whole).
+fn remove_stale_temporaries(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".safetensors.tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 fn save(trainer: &Trainer<Autodiff<CpuBackend>>, dir: &Path) -> Result<()> {

@@ -96,17 +96,18 @@ fn bad_input_fails_cleanly_without_output() {
     std::fs::write(&trunc, &bytes[..bytes.len() / 3]).unwrap();
     let out = tmp("never.safetensors");
     let _ = std::fs::remove_file(&out);
+    let (cfg, out_s) = (s(case.join("config.yaml")), s(out.clone()));
     let run = |w: &str, i: &str, extra: &[&str]| {
         let mut a = vec![
             "forward",
             "--config",
-            &*Box::leak(s(case.join("config.yaml")).into_boxed_str()),
+            &cfg,
             "--weights",
             w,
             "--input",
             i,
             "--out",
-            &*Box::leak(s(out.clone()).into_boxed_str()),
+            &out_s,
         ];
         a.extend_from_slice(extra);
         cli(&a)
@@ -151,5 +152,110 @@ fn bad_input_fails_cleanly_without_output() {
         assert!(err.contains("error:") && err.contains(needle), "{err}");
         assert!(!err.contains("panicked"), "{err}");
         assert!(!out.exists(), "a failed run left {}", out.display());
+    }
+}
+
+const TINY_MNIST: &str = r#"
+model:
+  in_channels: 1
+  hnet: { arch_layout: ["c1", ["D1"], "c1"], d_model: [32, 32], num_heads: [2, 2] }
+training:
+  global_batch_size: 4
+  learning_rate: 0.001
+  ema_decay: 0.9
+  ratio_batch_size: 2
+  multi_budget_training: true
+  multi_budget_start_step: 3
+  seed: 3
+  steps: 40
+  log_every: 5
+  ckpt_every: 2
+data: { source: mnist, latent_height: 28, latent_width: 28, num_classes: 10 }
+"#;
+
+fn checkpoint_tensors(dir: &Path) -> TensorMap {
+    TensorMap::from_safetensors(&std::fs::read(dir.join("checkpoint.safetensors")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn killed_training_resumes_to_the_same_weights() {
+    let base = tmp("train-kill");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let cfg = base.join("tiny.yaml");
+    std::fs::write(&cfg, TINY_MNIST).unwrap();
+    let (a, b) = (base.join("a"), base.join("b"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (ok, _, err) = cli(&["train", "--config", &s(&cfg), "--out", &s(&a), "--quiet"]);
+    assert!(ok, "{err}");
+
+    // Kill -9 a second run as soon as its first checkpoint exists, then resume.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dcdit-cli"))
+        .args(["train", "--config", &s(&cfg), "--out", &s(&b), "--quiet"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !b.join("checkpoint.safetensors").exists() && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at: u64 = checkpoint_tensors(&b).metadata["step"].parse().unwrap();
+    assert!(killed_at < 40, "the run finished before it could be killed");
+    // A fresh run into the same directory must not overwrite it.
+    let (ok, _, err) = cli(&["train", "--config", &s(&cfg), "--out", &s(&b), "--quiet"]);
+    assert!(!ok && err.contains("--resume"), "{err}");
+    let (ok, _, err) = cli(&["train", "--resume", &s(&b), "--quiet"]);
+    assert!(ok, "{err}");
+    let (ca, cb) = (checkpoint_tensors(&a), checkpoint_tensors(&b));
+    assert_eq!(cb.metadata["step"], "40");
+    for (k, t) in &ca.tensors {
+        assert_eq!(
+            t.data, cb.tensors[k].data,
+            "{k} differs (killed at step {killed_at})"
+        );
+    }
+    // Corrupt checkpoint: a clear error, and the file is left as it was.
+    let ck = b.join("checkpoint.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = cli(&["train", "--resume", &s(&b), "--steps", "50", "--quiet"]);
+    assert!(!ok && err.contains("invalid file"), "{err}");
+    assert_eq!(std::fs::read(&ck).unwrap().len(), bytes.len() / 2);
+}
+
+#[test]
+fn grad_command_matches_golden_gradients() {
+    let case = root().join("tests/golden/grad/grad_pred");
+    let out = tmp("grad_pred.safetensors");
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    let (ok, _, err) = cli(&[
+        "grad",
+        "--config",
+        &s(case.join("config.yaml")),
+        "--weights",
+        &s(case.join("weights.safetensors")),
+        "--batch",
+        &s(case.join("batch.safetensors")),
+        "--out",
+        &s(out.clone()),
+    ]);
+    assert!(ok, "{err}");
+    let got = TensorMap::from_safetensors(&std::fs::read(&out).unwrap()).unwrap();
+    let want =
+        TensorMap::from_safetensors(&std::fs::read(case.join("expected.safetensors")).unwrap())
+            .unwrap();
+    assert_eq!(got.tensors.len(), want.tensors.len());
+    for (k, w) in &want.tensors {
+        let g = &got.tensors[k];
+        let scale = w.data.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let err = g
+            .data
+            .iter()
+            .zip(&w.data)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4 * scale.max(1e-3), "{k}: {err} (scale {scale})");
     }
 }

@@ -77,7 +77,13 @@ struct KernelTable {
 
 impl KernelTable {
     fn new(width: usize, denom: f32) -> Self {
-        let mut t = KernelTable { tab: [0.0; 1024], len: 0, zero_after: false, width: width.max(1), denom };
+        let mut t = KernelTable {
+            tab: [0.0; 1024],
+            len: 0,
+            zero_after: false,
+            width: width.max(1),
+            denom,
+        };
         while t.len < t.tab.len() {
             let mut v = kernel(t.len as f32, denom);
             if v < NEGLIGIBLE {
