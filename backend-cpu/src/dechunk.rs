@@ -8,6 +8,31 @@ use rayon::prelude::*;
 use crate::tensor::CpuTensor;
 use crate::util::check_segments;
 
+/// Checks the arguments of the smoothing and its backward; returns `(T, d)`.
+pub(crate) fn check_dechunk_args(
+    op: &str,
+    h: &CpuTensor,
+    p: &CpuTensor,
+    pos: &[u32],
+    width: usize,
+    seg: Segments,
+) -> Result<(usize, usize)> {
+    let (t, d) = h.dims2();
+    check_segments(op, seg, t)?;
+    if p.numel() != t || pos.len() != t {
+        return Err(Error::input(format!(
+            "{op}: h {:?} has {t} rows but p has shape {:?} and pos {} entries",
+            h.shape(),
+            p.shape(),
+            pos.len()
+        )));
+    }
+    if width == 0 && t > 0 {
+        return Err(Error::input(format!("{op}: grid width must be positive")));
+    }
+    Ok((t, d))
+}
+
 /// Distance-weighted smoothing (SPEC 3) of `h (T, d)` with `p (T, 1)`.
 pub(crate) fn dechunk_smooth(
     h: &CpuTensor,
@@ -17,19 +42,7 @@ pub(crate) fn dechunk_smooth(
     sigma: f32,
     seg: Segments,
 ) -> Result<CpuTensor> {
-    let (t, d) = h.dims2();
-    check_segments("dechunk_smooth", seg, t)?;
-    if p.numel() != t || pos.len() != t {
-        return Err(Error::input(format!(
-            "dechunk_smooth: h {:?} has {t} rows but p has shape {:?} and pos {} entries",
-            h.shape(),
-            p.shape(),
-            pos.len()
-        )));
-    }
-    if width == 0 && t > 0 {
-        return Err(Error::input("dechunk_smooth: grid width must be positive"));
-    }
+    let (t, d) = check_dechunk_args("dechunk_smooth", h, p, pos, width, seg)?;
     let hs = h.to_f32_cow();
     let ps = p.to_f32_cow();
     let (hs, ps) = (&*hs, &*ps);

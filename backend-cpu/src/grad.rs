@@ -1183,21 +1183,8 @@ fn dechunk_smooth_backward(
     seg: Segments,
     g: &CpuTensor,
 ) -> Result<(CpuTensor, CpuTensor)> {
-    let (t, d) = h.dims2();
-    check_segments("dechunk_smooth_backward", seg, t)?;
-    if p.numel() != t || pos.len() != t {
-        return Err(Error::input(format!(
-            "dechunk_smooth_backward: h {:?} has {t} rows but p has shape {:?} and pos {} entries",
-            h.shape(),
-            p.shape(),
-            pos.len()
-        )));
-    }
-    if width == 0 && t > 0 {
-        return Err(Error::input(
-            "dechunk_smooth_backward: grid width must be positive",
-        ));
-    }
+    let (t, d) =
+        crate::dechunk::check_dechunk_args("dechunk_smooth_backward", h, p, pos, width, seg)?;
     check_g("dechunk_smooth_backward", g, t, d)?;
     let hs = h.to_f32_cow();
     let ps = p.to_f32_cow();
