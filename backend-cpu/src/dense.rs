@@ -140,6 +140,30 @@ pub(crate) fn im2col(
 }
 
 /// Stride-1 "same" convolution, OHWI weights, odd `k`.
+/// Checks a convolution's input, odd kernel size and OHWI weight (forward
+/// and backward); returns `(cin, cout)`.
+pub(crate) fn check_conv_args(
+    op: &str,
+    x: &CpuTensor,
+    grid: Grid,
+    w: &CpuTensor,
+    k: usize,
+) -> Result<(usize, usize)> {
+    let cin = check_grid(op, x, grid)?;
+    if k.is_multiple_of(2) {
+        return Err(Error::input(format!(
+            "{op}: kernel size must be odd for same padding, got {k}"
+        )));
+    }
+    let ws = w.shape();
+    if ws.len() != 4 || ws[1] != k || ws[2] != k || ws[3] != cin {
+        return Err(Error::input(format!(
+            "{op}: weight shape {ws:?} does not match (cout, {k}, {k}, {cin})"
+        )));
+    }
+    Ok((cin, ws[0]))
+}
+
 pub(crate) fn conv2d(
     x: &CpuTensor,
     grid: Grid,
@@ -147,19 +171,7 @@ pub(crate) fn conv2d(
     b: Option<&CpuTensor>,
     k: usize,
 ) -> Result<CpuTensor> {
-    let cin = check_grid("conv2d", x, grid)?;
-    if k.is_multiple_of(2) {
-        return Err(Error::input(format!(
-            "conv2d: kernel size must be odd for same padding, got {k}"
-        )));
-    }
-    let ws = w.shape();
-    if ws.len() != 4 || ws[1] != k || ws[2] != k || ws[3] != cin {
-        return Err(Error::input(format!(
-            "conv2d: weight shape {ws:?} does not match (cout, {k}, {k}, {cin})"
-        )));
-    }
-    let cout = ws[0];
+    let (cin, cout) = check_conv_args("conv2d", x, grid, w, k)?;
     if k == 1 {
         let x2 = CpuTensor {
             shape: [grid.rows(), cin].into_iter().collect(),

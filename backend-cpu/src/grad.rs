@@ -299,19 +299,7 @@ fn conv2d_backward(
     k: usize,
     g: &CpuTensor,
 ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
-    let cin = check_grid("conv2d_backward", x, grid)?;
-    if k.is_multiple_of(2) {
-        return Err(Error::input(format!(
-            "conv2d_backward: kernel size must be odd for same padding, got {k}"
-        )));
-    }
-    let ws = w.shape();
-    if ws.len() != 4 || ws[1] != k || ws[2] != k || ws[3] != cin {
-        return Err(Error::input(format!(
-            "conv2d_backward: weight shape {ws:?} does not match (cout, {k}, {k}, {cin})"
-        )));
-    }
-    let cout = ws[0];
+    let (cin, cout) = crate::dense::check_conv_args("conv2d_backward", x, grid, w, k)?;
     let rows = grid.rows();
     check_g("conv2d_backward", g, rows, cout)?;
     let kc = k * k * cin;

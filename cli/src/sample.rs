@@ -2,7 +2,7 @@
 //! writes `sample.png`, `chunking_viz.png` and `compression.png`, with a
 //! per-step table of compression, time and FLOPs.
 
-use crate::util::{cpu, parse_fractions, read_tensors};
+use crate::util::{cpu, read_tensors};
 use anyhow::{bail, Context, Result};
 use dcdit_backend_cpu::CpuBackend;
 use dcdit_core::config::Config;
@@ -116,7 +116,6 @@ pub fn labels_of(args: &SampleArgs, num_classes: usize) -> Result<Vec<u32>> {
 
 /// Sampling options from the arguments.
 pub fn options(args: &SampleArgs) -> Result<SampleOptions> {
-    parse_fractions(&args.tail_drop.to_string(), "--tail-drop")?;
     Ok(SampleOptions {
         steps: args.steps,
         method: if args.ddim {

@@ -592,9 +592,6 @@ pub fn sampling_weights(ckpt: &TensorMap) -> TensorMap {
     out
 }
 
-#[allow(dead_code)]
-fn _assert_grad_backend<B: GradBackend>() {}
-
 /// The scheduler the release trains with (`create_diffusion("")`: all 1000
 /// steps, betas re-derived from the cumulative products).
 pub fn training_schedule() -> Result<Ddpm> {
