@@ -50,7 +50,7 @@ pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<
         )));
     }
     let hd = d / heads;
-    let mut out = vec![0.0f32; t * d];
+    let mut out = crate::pool::take_zeroed(t * d);
     if t == 0 || d == 0 {
         return Ok(CpuTensor::from_result(out, &[t, d], qkv.dtype()));
     }

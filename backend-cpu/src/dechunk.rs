@@ -46,7 +46,7 @@ pub(crate) fn dechunk_smooth(
     let hs = h.to_f32_cow();
     let ps = p.to_f32_cow();
     let (hs, ps) = (&*hs, &*ps);
-    let mut out = vec![0.0f32; t * d];
+    let mut out = crate::pool::take_zeroed(t * d);
     // Disjoint output slices, one per segment.
     let mut parts: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(seg.len());
     let mut rest: &mut [f32] = &mut out;

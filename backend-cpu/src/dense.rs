@@ -1,12 +1,12 @@
-//! Dense layers: `linear` (one gemm), `conv2d` (im2col + gemm per row chunk)
+//! Dense layers: `linear` (one gemm), `conv2d` (sliding-window gemms over a
+//! zero-padded copy)
 //! and the direct depthwise 3x3 convolution.
 
 use dcdit_core::backend::Grid;
 use dcdit_core::{Error, Result};
-use rayon::prelude::*;
 
 use crate::tensor::CpuTensor;
-use crate::util::{for_row_chunks, gemm_f32, Mat, SyncPtr};
+use crate::util::{for_row_chunks, gemm_f32, Mat};
 
 /// Checks that an optional bias holds `m` elements and returns it as f32.
 fn bias_of<'a>(
@@ -50,7 +50,7 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     let bias = bias_of("linear", b, m)?;
     let xs = x.to_f32_cow();
     let ws = w.to_f32_cow();
-    let mut out = vec![0.0f32; n * m];
+    let mut out = crate::pool::take(n * m);
     prefill_bias(&mut out, m, bias.as_deref());
     // SAFETY: shapes checked above; `out` is exclusively borrowed.
     unsafe {
@@ -101,40 +101,62 @@ pub(crate) fn check_grid(op: &str, x: &CpuTensor, grid: Grid) -> Result<usize> {
     Ok(c)
 }
 
-/// Writes the im2col rows `r0..r0 + n` of `x` into `col` (`n` rows of
-/// `k*k*cin`, ordered `(ky, kx, cin)`), zero outside the grid.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn im2col(
-    x: &[f32],
-    grid: Grid,
-    cin: usize,
-    k: usize,
-    r0: usize,
-    n: usize,
-    col: &mut [f32],
-) {
-    let (h, w) = (grid.height as isize, grid.width as isize);
-    let l = grid.len();
-    let pad = (k / 2) as isize;
-    let kc = k * k * cin;
-    for (i, dst_row) in col[..n * kc].chunks_exact_mut(kc).enumerate() {
-        let r = r0 + i;
-        let b = r / l;
-        let rem = r % l;
-        let y = (rem / grid.width) as isize;
-        let xx = (rem % grid.width) as isize;
-        for ky in 0..k {
-            let sy = y + ky as isize - pad;
-            for kx in 0..k {
-                let sx = xx + kx as isize - pad;
-                let dst = &mut dst_row[(ky * k + kx) * cin..(ky * k + kx + 1) * cin];
-                if sy >= 0 && sy < h && sx >= 0 && sx < w {
-                    let src = b * l + (sy * w + sx) as usize;
-                    dst.copy_from_slice(&x[src * cin..(src + 1) * cin]);
-                } else {
-                    dst.fill(0.0);
-                }
+/// A batch of NHWC images copied into a zero-padded layout for the
+/// convolution as sliding-window GEMMs: each image is padded by `pad` pixels
+/// on every side (`hp x wp`), and a margin of `pad * wp + pad` zero pixels
+/// before and after the batch keeps every window of every padded position in
+/// bounds. Padded position `q` (in `0..batch * hp * wp`) is pixel
+/// `margin + q` of the buffer.
+pub(crate) struct Padded {
+    /// The padded pixels, `(2 * margin + batch * hp * wp, c)`.
+    pub data: Vec<f32>,
+    /// Padded image height.
+    pub hp: usize,
+    /// Padded image width.
+    pub wp: usize,
+    /// Zero pixels before (and after) the images.
+    pub margin: usize,
+}
+
+impl Padded {
+    /// Copies `xs (grid.rows(), c)` into the padded layout.
+    pub(crate) fn new(xs: &[f32], grid: Grid, c: usize, pad: usize) -> Padded {
+        let (h, w) = (grid.height, grid.width);
+        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let margin = pad * wp + pad;
+        let q = grid.batch * hp * wp;
+        let mut data = crate::pool::take_zeroed((2 * margin + q) * c);
+        for b in 0..grid.batch {
+            for y in 0..h {
+                let src = &xs[(b * h + y) * w * c..(b * h + y + 1) * w * c];
+                let at = (margin + b * hp * wp + (y + pad) * wp + pad) * c;
+                data[at..at + w * c].copy_from_slice(src);
             }
+        }
+        Padded {
+            data,
+            hp,
+            wp,
+            margin,
+        }
+    }
+
+    /// Number of padded positions (`batch * hp * wp`).
+    pub(crate) fn positions(&self, grid: Grid) -> usize {
+        grid.batch * self.hp * self.wp
+    }
+
+    /// The `(positions, k * c)` matrix whose row `q` is the window of kernel
+    /// row `ky` centred on padded position `q`: in NHWC the `k` pixels of one
+    /// kernel row are adjacent, so the window is `k * c` contiguous floats and
+    /// consecutive rows overlap (row stride `c`). No im2col copy is needed.
+    pub(crate) fn window_row(&self, ky: usize, k: usize, c: usize) -> Mat {
+        let pad = k / 2;
+        let first = self.margin + ky * self.wp - pad * self.wp - pad;
+        Mat {
+            ptr: self.data[first * c..].as_ptr(),
+            rs: c as isize,
+            cs: 1,
         }
     }
 }
@@ -187,24 +209,15 @@ pub(crate) fn conv2d(
     let rows = grid.rows();
     let xs = x.to_f32_cow();
     let wt = w.to_f32_cow();
-    let mut out = vec![0.0f32; rows * cout];
+    let mut out = crate::pool::take(rows * cout);
     conv_f32(&xs, grid, cin, &wt, cout, k, bias.as_deref(), &mut out);
     Ok(CpuTensor::from_result(out, &[rows, cout], x.dtype()))
 }
 
-/// Row chunking of an im2col convolution over `rows` rows of `kc` columns:
-/// `(rows_per_chunk, chunks)`. Each im2col buffer holds at most ~8 MiB, and
-/// the chunk count is a multiple of the thread count (balanced work).
-pub(crate) fn conv_chunks(rows: usize, kc: usize) -> (usize, usize) {
-    let threads = rayon::current_num_threads().max(1);
-    let max_rows_mem = ((1usize << 21) / kc.max(1)).max(8);
-    let n = rows.div_ceil(max_rows_mem).div_ceil(threads) * threads;
-    let rows_per = rows.div_ceil(n.max(1)).max(1);
-    (rows_per, rows.div_ceil(rows_per))
-}
-
-/// Stride-1 "same" convolution (odd `k > 1`) on f32 slices by im2col + gemm
-/// over row chunks: `xs (grid.rows(), cin)`, OHWI `wt (cout, k, k, cin)`,
+/// Stride-1 "same" convolution (odd `k > 1`) on f32 slices as `k`
+/// sliding-window GEMMs over the zero-padded input (one per kernel row, each
+/// of depth `k * cin`), accumulated over every padded position and then the
+/// interior copied out: `xs (grid.rows(), cin)`, OHWI `wt (cout, k, k, cin)`,
 /// `out (grid.rows(), cout)` (overwritten; starts from the bias if given).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_f32(
@@ -222,50 +235,54 @@ pub(crate) fn conv_f32(
     debug_assert_eq!(xs.len(), rows * cin);
     debug_assert_eq!(wt.len(), cout * kc);
     debug_assert_eq!(out.len(), rows * cout);
-    prefill_bias(out, cout, bias);
     if rows == 0 || cout == 0 {
         return;
     }
-    let (rows_per, n_chunks) = conv_chunks(rows, kc);
-    let out_ptr = SyncPtr(out.as_mut_ptr());
-    let accumulate = bias.is_some();
-    let run = |chunk: usize, col: &mut Vec<f32>| {
-        let r0 = chunk * rows_per;
-        let n = rows_per.min(rows - r0);
-        col.resize(n * kc, 0.0);
-        im2col(xs, grid, cin, k, r0, n, col);
-        // SAFETY: chunk `chunk` owns output rows r0..r0+n exclusively.
+    let pad = k / 2;
+    let xp = Padded::new(xs, grid, cin, pad);
+    let q = xp.positions(grid);
+    let mut op = crate::pool::take(q * cout);
+    for ky in 0..k {
+        // SAFETY: every window row lies inside `xp.data` (margins), `op`
+        // holds q * cout floats, the weight slice kernel row `ky`.
         unsafe {
             gemm_f32(
-                n,
+                q,
                 cout,
-                kc,
-                out_ptr.get().add(r0 * cout),
+                k * cin,
+                op.as_mut_ptr(),
                 cout as isize,
                 1,
-                accumulate,
+                ky > 0,
+                xp.window_row(ky, k, cin),
+                // w_ky^T (k*cin, cout): element (j, o) = wt[o * kc + ky * k * cin + j].
                 Mat {
-                    ptr: col.as_ptr(),
-                    rs: kc as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: wt.as_ptr(),
+                    ptr: wt[ky * k * cin..].as_ptr(),
                     rs: 1,
                     cs: kc as isize,
                 },
                 1.0,
-                n_chunks == 1,
+                true,
             );
         }
-    };
-    if n_chunks == 1 {
-        run(0, &mut Vec::new());
-    } else {
-        (0..n_chunks)
-            .into_par_iter()
-            .for_each_init(Vec::new, |col, chunk| run(chunk, col));
     }
+    crate::pool::give(xp.data);
+    let (h, w) = (grid.height, grid.width);
+    for_row_chunks(out, w * cout, |r0, chunk| {
+        for (i, dst) in chunk.chunks_exact_mut(w * cout).enumerate() {
+            let (b, y) = ((r0 + i) / h, (r0 + i) % h);
+            let at = (b * xp.hp * xp.wp + (y + pad) * xp.wp + pad) * cout;
+            dst.copy_from_slice(&op[at..at + w * cout]);
+            if let Some(bias) = bias {
+                for px in dst.chunks_exact_mut(cout) {
+                    for (o, &v) in px.iter_mut().zip(bias) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+    });
+    crate::pool::give(op);
 }
 
 /// Depthwise 3x3 "same" convolution without bias, `w (c, 9)`.
@@ -287,7 +304,7 @@ pub(crate) fn depthwise_conv3x3(x: &CpuTensor, grid: Grid, w: &CpuTensor) -> Res
     }
     let xs = x.to_f32_cow();
     let rows = grid.rows();
-    let mut out = vec![0.0f32; rows * c];
+    let mut out = crate::pool::take(rows * c);
     depthwise_f32(&xs, grid, c, &taps, &mut out);
     Ok(CpuTensor::from_result(out, &[rows, c], x.dtype()))
 }

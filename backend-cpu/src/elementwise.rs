@@ -11,7 +11,7 @@ use crate::util::{check_segments, for_row_chunks, for_rows_with_sample, sum};
 fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync + Send) -> CpuTensor {
     let xs = x.to_f32_cow();
     let xs = &*xs;
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = crate::pool::take(xs.len());
     for_row_chunks(&mut out, 1, |i0, chunk| {
         for (o, &v) in chunk.iter_mut().zip(&xs[i0..]) {
             *o = f(v);
@@ -24,7 +24,7 @@ fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync + Send) -> CpuTensor {
 pub(crate) fn unary(x: &CpuTensor, op: Unary) -> Result<CpuTensor> {
     let xs = x.to_f32_cow();
     let xs = &*xs;
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = crate::pool::take(xs.len());
     for_row_chunks(&mut out, 1, |i0, chunk| {
         crate::math::unary_slice(op, &xs[i0..i0 + chunk.len()], chunk);
     });
@@ -43,7 +43,7 @@ pub(crate) fn binary(a: &CpuTensor, b: &CpuTensor, op: Binary) -> Result<CpuTens
     let av = a.to_f32_cow();
     let bv = b.to_f32_cow();
     let (av, bv) = (&*av, &*bv);
-    let mut out = vec![0.0f32; av.len()];
+    let mut out = crate::pool::take(av.len());
     for_row_chunks(&mut out, 1, |i0, chunk| {
         let n = chunk.len();
         let (x, y) = (&av[i0..i0 + n], &bv[i0..i0 + n]);
@@ -110,7 +110,7 @@ pub(crate) fn scale_rows(x: &CpuTensor, s: &CpuTensor) -> Result<CpuTensor> {
     let xs = x.to_f32_cow();
     let ss = s.to_f32_cow();
     let (xs, ss) = (&*xs, &*ss);
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = crate::pool::take(xs.len());
     if c > 0 {
         for_row_chunks(&mut out, c, |r0, chunk| {
             for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
@@ -166,7 +166,7 @@ pub(crate) fn add_segment(x: &CpuTensor, v: &CpuTensor, seg: Segments) -> Result
     let xs = x.to_f32_cow();
     let vs = v.to_f32_cow();
     let (xs, vs) = (&*xs, &*vs);
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = crate::pool::take(xs.len());
     if c > 0 {
         for_row_chunks(&mut out, c, |r0, chunk| {
             for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
@@ -208,7 +208,7 @@ pub(crate) fn modulate(
     let xs = x.to_f32_cow();
     let av = ada.to_f32_cow();
     let (xs, av) = (&*xs, &*av);
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = crate::pool::take(xs.len());
     if c > 0 {
         for_row_chunks(&mut out, c, |r0, chunk| {
             for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
@@ -247,7 +247,7 @@ pub(crate) fn gated_add(
     let ys = y.to_f32_cow();
     let av = ada.to_f32_cow();
     let (xs, ys, av) = (&*xs, &*ys, &*av);
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = crate::pool::take(xs.len());
     if c > 0 {
         for_row_chunks(&mut out, c, |r0, chunk| {
             for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
@@ -279,7 +279,7 @@ pub(crate) fn gather_rows(x: &CpuTensor, idx: &[u32]) -> Result<CpuTensor> {
     check_indices("gather_rows", idx, rows)?;
     let xs = x.to_f32_cow();
     let xs = &*xs;
-    let mut out = vec![0.0f32; idx.len() * c];
+    let mut out = crate::pool::take(idx.len() * c);
     if c > 0 {
         for_row_chunks(&mut out, c, |r0, chunk| {
             for (dst, &i) in chunk.chunks_exact_mut(c).zip(&idx[r0..]) {
@@ -303,7 +303,7 @@ pub(crate) fn scatter_add_rows(x: &CpuTensor, idx: &[u32], rows: usize) -> Resul
     }
     check_indices("scatter_add_rows", idx, rows)?;
     let xs = x.to_f32_cow();
-    let mut out = vec![0.0f32; rows * c];
+    let mut out = crate::pool::take_zeroed(rows * c);
     if c > 0 {
         for (src, &i) in xs.chunks_exact(c).zip(idx) {
             let i = i as usize;

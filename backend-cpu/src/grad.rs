@@ -14,13 +14,13 @@ use dcdit_core::backend_grad::{AdamW, GradBackend};
 use dcdit_core::{Error, Result};
 use rayon::prelude::*;
 
-use crate::dense::{check_grid, conv_chunks, conv_f32, depthwise_f32, im2col};
+use crate::dense::{check_grid, conv_f32, depthwise_f32, Padded};
 use crate::math::{softmax, unary_backward_slice};
-use crate::norm::group_reduce;
+use crate::norm::{group_stats, GroupStats};
 use crate::tensor::{numel_of, CpuTensor};
 use crate::util::{
     check_segments, dot, for_row_chunks, for_rows_with_sample, gemm_f32, sum, sum_sq, sum_sq_dev,
-    Mat, SyncPtr, PAR_GRAIN,
+    Mat, SyncPtr, GEMM_PAR_WORK, PAR_GRAIN,
 };
 use crate::CpuBackend;
 
@@ -197,7 +197,7 @@ fn matmul(a: &CpuTensor, b: &CpuTensor, ta: bool, tb: bool) -> Result<CpuTensor>
     }
     let av = a.to_f32_cow();
     let bv = b.to_f32_cow();
-    let mut out = vec![0.0f32; m * n];
+    let mut out = crate::pool::take(m * n);
     let lhs = if ta {
         Mat {
             ptr: av.as_ptr(),
@@ -309,7 +309,7 @@ fn conv2d_backward(
     let (xs, wv, gs) = (&*xs, &*wv, &*gs);
 
     let db = col_sum_f32(gs, rows, cout);
-    let mut dx = vec![0.0f32; rows * cin];
+    let mut dx = crate::pool::take(rows * cin);
     let mut dw = vec![0.0f32; cout * kc];
     if rows > 0 && cout > 0 && cin > 0 {
         if k == 1 {
@@ -386,8 +386,11 @@ fn conv2d_backward(
     ))
 }
 
-/// `dw (cout, k*k*cin) = g^T cols(x)` for odd `k > 1`, over row chunks of
-/// bounded im2col memory; each rayon fold accumulates its own `dw`.
+/// `dw (cout, k*k*cin) = g^T cols(x)` for odd `k > 1`, as one GEMM per kernel
+/// row between `g` and `x` in the zero-padded layout of the forward (the
+/// window rows of [`Padded`]; border positions of `g` are zero, so they add
+/// nothing). The positions are split over the threads, each accumulating its
+/// own `dw`, and the partial sums added.
 fn conv_weight_grad(
     xs: &[f32],
     grid: Grid,
@@ -397,61 +400,74 @@ fn conv_weight_grad(
     cout: usize,
     dw: &mut [f32],
 ) {
-    let rows = grid.rows();
     let kc = k * k * cin;
-    let (rows_per, n_chunks) = conv_chunks(rows, kc);
-    let run = |acc: &mut [f32], col: &mut Vec<f32>, chunk: usize| {
-        let r0 = chunk * rows_per;
-        let n = rows_per.min(rows - r0);
-        col.resize(n * kc, 0.0);
-        im2col(xs, grid, cin, k, r0, n, col);
-        // SAFETY: `acc` is this fold's own buffer of cout * kc floats.
-        unsafe {
-            gemm_f32(
-                cout,
-                kc,
-                n,
-                acc.as_mut_ptr(),
-                kc as isize,
-                1,
-                true,
-                // g^T (cout, n): element (co, i) = g[(r0 + i) * cout + co].
-                Mat {
-                    ptr: gs.as_ptr().add(r0 * cout),
-                    rs: 1,
-                    cs: cout as isize,
-                },
-                Mat {
-                    ptr: col.as_ptr(),
-                    rs: kc as isize,
-                    cs: 1,
-                },
-                1.0,
-                n_chunks == 1,
-            );
+    let pad = k / 2;
+    let xp = Padded::new(xs, grid, cin, pad);
+    let gp = Padded::new(gs, grid, cout, pad);
+    let q = xp.positions(grid);
+    let threads = rayon::current_num_threads().max(1);
+    let parts = if q * kc * cout >= GEMM_PAR_WORK {
+        threads
+    } else {
+        1
+    };
+    let per = q.div_ceil(parts).max(1);
+    let run = |part: usize, acc: &mut [f32]| {
+        let q0 = part * per;
+        let n = per.min(q.saturating_sub(q0));
+        if n == 0 {
+            acc.fill(0.0);
+            return;
+        }
+        for ky in 0..k {
+            let win = xp.window_row(ky, k, cin);
+            // SAFETY: rows q0..q0+n of the window and of g lie inside the
+            // padded buffers; `acc` holds cout * kc floats.
+            unsafe {
+                gemm_f32(
+                    cout,
+                    k * cin,
+                    n,
+                    acc[ky * k * cin..].as_mut_ptr(),
+                    kc as isize,
+                    1,
+                    false,
+                    // g^T (cout, n): element (o, i) = gp[(margin + q0 + i) * cout + o].
+                    Mat {
+                        ptr: gp.data[(gp.margin + q0) * cout..].as_ptr(),
+                        rs: 1,
+                        cs: cout as isize,
+                    },
+                    Mat {
+                        ptr: win.ptr.add(q0 * cin),
+                        rs: win.rs,
+                        cs: win.cs,
+                    },
+                    1.0,
+                    false,
+                );
+            }
         }
     };
-    if n_chunks == 1 {
-        run(dw, &mut Vec::new(), 0);
-        return;
+    if parts == 1 {
+        run(0, dw);
+    } else {
+        let partial: Vec<Vec<f32>> = (0..parts)
+            .into_par_iter()
+            .map(|part| {
+                let mut acc = crate::pool::take(cout * kc);
+                run(part, &mut acc);
+                acc
+            })
+            .collect();
+        dw.copy_from_slice(&partial[0]);
+        for p in &partial[1..] {
+            add_into(dw, p);
+        }
+        partial.into_iter().for_each(crate::pool::give);
     }
-    let total = (0..n_chunks)
-        .into_par_iter()
-        .fold(
-            || (vec![0.0f32; cout * kc], Vec::new()),
-            |(mut acc, mut col), chunk| {
-                run(&mut acc, &mut col, chunk);
-                (acc, col)
-            },
-        )
-        .map(|(acc, _)| acc)
-        .reduce_with(|mut a, b| {
-            add_into(&mut a, &b);
-            a
-        });
-    if let Some(total) = total {
-        dw.copy_from_slice(&total);
-    }
+    crate::pool::give(xp.data);
+    crate::pool::give(gp.data);
 }
 
 /// Gradients of the depthwise 3x3 convolution: `(dx, dw)`.
@@ -561,30 +577,13 @@ fn group_norm_backward(
     let l = grid.len();
     let cg = c / groups;
     let batch = grid.batch;
+    let count = ((l * cg) as f64).max(1.0);
     // Statistics exactly as the forward.
-    let count = (l * cg) as f64;
-    let sums = group_reduce(xs, grid, c, groups, |_, _, v| sum(v));
-    let mean: Vec<f64> = sums.iter().map(|s| s / count.max(1.0)).collect();
-    let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-    let ssd = group_reduce(xs, grid, c, groups, |b, gr, v| {
-        sum_sq_dev(v, mean32[b * groups + gr])
-    });
-    let inv: Vec<f32> = ssd
-        .iter()
-        .map(|s| (1.0 / (s / count.max(1.0) + eps as f64).sqrt()) as f32)
-        .collect();
-    // Per (sample, channel) centring (hi + lo) and 1/std.
-    let mut m_hi = vec![0.0f32; batch * c];
-    let mut m_lo = vec![0.0f32; batch * c];
-    let mut iv = vec![0.0f32; batch * c];
-    for b in 0..batch {
-        for ch in 0..c {
-            let gi = b * groups + ch / cg;
-            m_hi[b * c + ch] = mean32[gi];
-            m_lo[b * c + ch] = (mean[gi] - mean32[gi] as f64) as f32;
-            iv[b * c + ch] = inv[gi];
-        }
-    }
+    let GroupStats {
+        m_hi,
+        m_lo,
+        inv: iv,
+    } = group_stats(xs, grid, c, groups, eps);
     let xhat_row = |r: usize, b: usize, out: &mut [f32]| {
         let span = b * c..(b + 1) * c;
         let src = &xs[r * c..(r + 1) * c];
@@ -628,26 +627,28 @@ fn group_norm_backward(
     let mut dgamma = vec![0.0f64; c];
     let mut dbeta = vec![0.0f64; c];
     // Per (sample, group) means of gamma*g and gamma*g*xhat.
-    let mut k1 = vec![0.0f32; batch * groups];
-    let mut k2 = vec![0.0f32; batch * groups];
+    // Per (sample, channel): the group means of gamma*g and gamma*g*xhat.
+    let mut k1 = vec![0.0f32; batch * c];
+    let mut k2 = vec![0.0f32; batch * c];
     for b in 0..batch {
         let row = &sums[b * 2 * c..(b + 1) * 2 * c];
-        let mut s1 = vec![0.0f64; groups];
-        let mut s2 = vec![0.0f64; groups];
         for ch in 0..c {
             let (sg, sgx) = (row[ch] as f64, row[c + ch] as f64);
             dbeta[ch] += sg;
             dgamma[ch] += sgx;
-            s1[ch / cg] += gm[ch] as f64 * sg;
-            s2[ch / cg] += gm[ch] as f64 * sgx;
         }
         for gr in 0..groups {
-            k1[b * groups + gr] = (s1[gr] / count.max(1.0)) as f32;
-            k2[b * groups + gr] = (s2[gr] / count.max(1.0)) as f32;
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            for ch in gr * cg..(gr + 1) * cg {
+                s1 += gm[ch] as f64 * row[ch] as f64;
+                s2 += gm[ch] as f64 * row[c + ch] as f64;
+            }
+            k1[b * c + gr * cg..b * c + (gr + 1) * cg].fill((s1 / count) as f32);
+            k2[b * c + gr * cg..b * c + (gr + 1) * cg].fill((s2 / count) as f32);
         }
     }
     // dx = inv * (gamma g - mean(gamma g) - xhat mean(gamma g xhat)).
-    let mut dx = vec![0.0f32; rows * c];
+    let mut dx = crate::pool::take(rows * c);
     if c > 0 {
         for_row_chunks(&mut dx, c, |r0, chunk| {
             let mut xh = vec![0.0f32; c];
@@ -656,21 +657,16 @@ fn group_norm_backward(
                 let b = r / l;
                 xhat_row(r, b, &mut xh);
                 let gr = &gs[r * c..(r + 1) * c];
-                for (gi, ((dg, xg), gg)) in dst
-                    .chunks_exact_mut(cg)
-                    .zip(xh.chunks_exact(cg))
-                    .zip(gr.chunks_exact(cg))
-                    .enumerate()
+                let span = b * c..(b + 1) * c;
+                for (((((o, &xv), &gv), &w), &a1), (&a2, &s)) in dst
+                    .iter_mut()
+                    .zip(&xh)
+                    .zip(gr)
+                    .zip(gm)
+                    .zip(&k1[span.clone()])
+                    .zip(k2[span.clone()].iter().zip(&iv[span]))
                 {
-                    let (a1, a2, s) = (
-                        k1[b * groups + gi],
-                        k2[b * groups + gi],
-                        inv[b * groups + gi],
-                    );
-                    let gmg = &gm[gi * cg..(gi + 1) * cg];
-                    for (((o, &xv), &gv), &w) in dg.iter_mut().zip(xg).zip(gg).zip(gmg) {
-                        *o = s * (w * gv - a1 - xv * a2);
-                    }
+                    *o = s * (w * gv - a1 - xv * a2);
                 }
             }
         });
@@ -691,7 +687,7 @@ fn map_rows2(
     c: usize,
     f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync + Send,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = crate::pool::take(x.len());
     if c > 0 {
         for_row_chunks(&mut out, c, |r0, chunk| {
             for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
@@ -820,7 +816,7 @@ fn unary_backward(x: &CpuTensor, op: Unary, g: &CpuTensor) -> Result<CpuTensor> 
     let xs = x.to_f32_cow();
     let gs = g.to_f32_cow();
     let (xs, gs) = (&*xs, &*gs);
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = crate::pool::take(xs.len());
     for_row_chunks(&mut out, 1, |i0, chunk| {
         let n = chunk.len();
         unary_backward_slice(op, &xs[i0..i0 + n], &gs[i0..i0 + n], chunk);
@@ -881,7 +877,7 @@ fn modulate_backward(
     let gs = g.to_f32_cow();
     let av = ada.to_f32_cow();
     let (xs, gs, av) = (&*xs, &*gs, &*av);
-    let mut dx = vec![0.0f32; rows * c];
+    let mut dx = crate::pool::take(rows * c);
     let mut dada = vec![0.0f32; samples * vc];
     if c > 0 {
         for_row_chunks(&mut dx, c, |r0, chunk| {
@@ -934,7 +930,7 @@ fn gated_add_backward(
     let gs = g.to_f32_cow();
     let av = ada.to_f32_cow();
     let (ys, gs, av) = (&*ys, &*gs, &*av);
-    let mut dy = vec![0.0f32; rows * c];
+    let mut dy = crate::pool::take(rows * c);
     let mut dada = vec![0.0f32; samples * vc];
     if c > 0 {
         for_row_chunks(&mut dy, c, |r0, chunk| {
@@ -994,7 +990,7 @@ fn attention_backward(
     }
     check_g("attention_backward", g, t, d)?;
     let hd = d / heads;
-    let mut out = vec![0.0f32; t * c3];
+    let mut out = crate::pool::take_zeroed(t * c3);
     if t == 0 || d == 0 {
         return Ok(CpuTensor::from_result(out, qkv.shape(), qkv.dtype()));
     }
@@ -1178,7 +1174,7 @@ fn dechunk_smooth_backward(
     let ps = p.to_f32_cow();
     let gs = g.to_f32_cow();
     let (hs, ps, gs) = (&*hs, &*ps, &*gs);
-    let mut dh = vec![0.0f32; t * d];
+    let mut dh = crate::pool::take_zeroed(t * d);
     let mut dp = vec![0.0f32; t];
     let parts: Vec<_> = split_segments(seg, d, &mut dh)
         .into_iter()
@@ -1244,9 +1240,9 @@ fn adamw_step(
     let vs = v.to_f32_cow();
     let (ps, gs, ms, vs) = (&*ps, &*gs, &*ms, &*vs);
     let n = ps.len();
-    let mut po = vec![0.0f32; n];
-    let mut mo = vec![0.0f32; n];
-    let mut vo = vec![0.0f32; n];
+    let mut po = crate::pool::take(n);
+    let mut mo = crate::pool::take(n);
+    let mut vo = crate::pool::take(n);
     let kernel = |i0: usize, pc: &mut [f32], mc: &mut [f32], vc: &mut [f32]| {
         for (i, ((po, mo), vo)) in pc.iter_mut().zip(mc).zip(vc).enumerate() {
             let j = i0 + i;
@@ -1291,7 +1287,7 @@ fn ema_update(ema: &CpuTensor, param: &CpuTensor, decay: f32) -> Result<CpuTenso
     let es = ema.to_f32_cow();
     let ps = param.to_f32_cow();
     let (es, ps) = (&*es, &*ps);
-    let mut out = vec![0.0f32; es.len()];
+    let mut out = crate::pool::take(es.len());
     for_row_chunks(&mut out, 1, |i0, chunk| {
         let n = chunk.len();
         for ((o, &e), &p) in chunk.iter_mut().zip(&es[i0..i0 + n]).zip(&ps[i0..i0 + n]) {

@@ -35,6 +35,7 @@ mod elementwise;
 mod grad;
 mod math;
 mod norm;
+pub mod pool;
 mod tensor;
 mod util;
 

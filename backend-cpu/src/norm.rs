@@ -8,59 +8,96 @@ use rayon::prelude::*;
 use crate::tensor::CpuTensor;
 use crate::util::{for_row_chunks, sum, sum_sq, sum_sq_dev, PAR_GRAIN};
 
-/// Per-sample, per-group sums over row chunks that never cross samples:
-/// returns `batch * groups` f64 totals of `f(group_slice)`.
-pub(crate) fn group_reduce(
+/// Per-(sample, channel) f64 totals of `f(sample, row, acc)` over the rows of
+/// each sample of an NHWC activation (`batch * l` rows of `c`), in row chunks
+/// (in parallel for large inputs) that never cross samples. Accumulating per
+/// channel keeps the inner loop a straight vector loop whatever the group size.
+fn channel_reduce(
     xs: &[f32],
-    grid: Grid,
+    batch: usize,
+    l: usize,
     c: usize,
-    groups: usize,
-    f: impl Fn(usize, usize, &[f32]) -> f32 + Sync,
+    f: impl Fn(usize, &[f32], &mut [f64]) + Sync,
 ) -> Vec<f64> {
-    let l = grid.len();
-    let cg = c / groups;
     let rows_per = (PAR_GRAIN / c.max(1)).max(1);
-    let chunks_per_sample = l.div_ceil(rows_per);
-    let partial = |b: usize, ci: usize| -> Vec<f64> {
-        let mut acc = vec![0.0f64; groups];
-        let r0 = b * l + ci * rows_per;
+    let chunks_per_sample = l.div_ceil(rows_per).max(1);
+    let partial = |t: usize| -> (usize, Vec<f64>) {
+        let (b, ci) = (t / chunks_per_sample, t % chunks_per_sample);
+        let mut acc = vec![0.0f64; c];
+        let r0 = b * l + (ci * rows_per).min(l);
         let r1 = (b * l + l).min(r0 + rows_per);
         for r in r0..r1 {
-            let row = &xs[r * c..(r + 1) * c];
-            for (g, a) in acc.iter_mut().enumerate() {
-                *a += f(b, g, &row[g * cg..(g + 1) * cg]) as f64;
-            }
+            f(b, &xs[r * c..(r + 1) * c], &mut acc);
         }
-        acc
+        (b, acc)
     };
-    let n_tasks = grid.batch * chunks_per_sample;
+    let n_tasks = batch * chunks_per_sample;
     let parts: Vec<(usize, Vec<f64>)> = if xs.len() <= PAR_GRAIN {
-        (0..n_tasks)
-            .map(|t| {
-                (
-                    t / chunks_per_sample,
-                    partial(t / chunks_per_sample, t % chunks_per_sample),
-                )
-            })
-            .collect()
+        (0..n_tasks).map(partial).collect()
     } else {
-        (0..n_tasks)
-            .into_par_iter()
-            .map(|t| {
-                (
-                    t / chunks_per_sample,
-                    partial(t / chunks_per_sample, t % chunks_per_sample),
-                )
-            })
-            .collect()
+        (0..n_tasks).into_par_iter().map(partial).collect()
     };
-    let mut tot = vec![0.0f64; grid.batch * groups];
+    let mut tot = vec![0.0f64; batch * c];
     for (b, p) in parts {
-        for (g, v) in p.into_iter().enumerate() {
-            tot[b * groups + g] += v;
+        for (t, v) in tot[b * c..(b + 1) * c].iter_mut().zip(p) {
+            *t += v;
         }
     }
     tot
+}
+
+/// GroupNorm statistics of an NHWC activation, expanded per (sample,
+/// channel): the group mean as f32 `hi + lo` (subtracted in two steps, so the
+/// centred value stays accurate when |mean| >> std) and 1/std. The forward
+/// and the backward both use this, so they normalise identically.
+pub(crate) struct GroupStats {
+    /// High part of the group mean, `(batch, c)`.
+    pub m_hi: Vec<f32>,
+    /// Low part (`mean - m_hi`), `(batch, c)`.
+    pub m_lo: Vec<f32>,
+    /// `1 / sqrt(var + eps)`, `(batch, c)`.
+    pub inv: Vec<f32>,
+}
+
+pub(crate) fn group_stats(xs: &[f32], grid: Grid, c: usize, groups: usize, eps: f32) -> GroupStats {
+    let (batch, l) = (grid.batch, grid.len());
+    let cg = c / groups;
+    let count = ((l * cg) as f64).max(1.0);
+    let sums = channel_reduce(xs, batch, l, c, |_, row, acc| {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    });
+    let group_total = |v: &[f64], b: usize, g: usize| -> f64 {
+        v[b * c + g * cg..b * c + (g + 1) * cg].iter().sum()
+    };
+    let mut mean = vec![0.0f64; batch * c];
+    for b in 0..batch {
+        for g in 0..groups {
+            let m = group_total(&sums, b, g) / count;
+            mean[b * c + g * cg..b * c + (g + 1) * cg].fill(m);
+        }
+    }
+    let m_hi: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+    let m_lo: Vec<f32> = mean
+        .iter()
+        .zip(&m_hi)
+        .map(|(&m, &h)| (m - h as f64) as f32)
+        .collect();
+    let ssd = channel_reduce(xs, batch, l, c, |b, row, acc| {
+        for ((a, &v), &m) in acc.iter_mut().zip(row).zip(&m_hi[b * c..(b + 1) * c]) {
+            let d = v - m;
+            *a += (d * d) as f64;
+        }
+    });
+    let mut inv = vec![0.0f32; batch * c];
+    for b in 0..batch {
+        for g in 0..groups {
+            let s = (1.0 / (group_total(&ssd, b, g) / count + eps as f64).sqrt()) as f32;
+            inv[b * c + g * cg..b * c + (g + 1) * cg].fill(s);
+        }
+    }
+    GroupStats { m_hi, m_lo, inv }
 }
 
 /// GroupNorm with affine over each sample of an NHWC activation.
@@ -97,34 +134,16 @@ pub(crate) fn group_norm(
     let gm = gamma.to_f32_cow();
     let bt = beta.to_f32_cow();
     let l = grid.len();
-    let cg = c / groups;
-    let count = (l * cg) as f64;
-    let sums = group_reduce(xs, grid, c, groups, |_, _, v| sum(v));
-    let mean: Vec<f64> = sums.iter().map(|s| s / count.max(1.0)).collect();
-    let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-    let ssd = group_reduce(xs, grid, c, groups, |b, g, v| {
-        sum_sq_dev(v, mean32[b * groups + g])
-    });
-    let inv: Vec<f32> = ssd
-        .iter()
-        .map(|s| (1.0 / (s / count.max(1.0) + eps as f64).sqrt()) as f32)
+    let st = group_stats(xs, grid, c, groups, eps);
+    // y = (x - m) * a + beta with a = inv * gamma, per (sample, channel).
+    let a: Vec<f32> = st
+        .inv
+        .chunks_exact(c.max(1))
+        .flat_map(|row| row.iter().zip(gm.iter()).map(|(&s, &w)| s * w))
         .collect();
-    // Per (sample, channel) mean, scale and shift: y = (x - m) * a + beta,
-    // with the f64 mean split into f32 `hi + lo` and subtracted in two steps,
-    // so the centred value is accurate even when |mean| >> std.
-    let mut m = vec![0.0f32; grid.batch * c];
-    let mut m_lo = vec![0.0f32; grid.batch * c];
-    let mut a = vec![0.0f32; grid.batch * c];
-    for b in 0..grid.batch {
-        for ch in 0..c {
-            let g = b * groups + ch / cg.max(1);
-            m[b * c + ch] = mean32[g];
-            m_lo[b * c + ch] = (mean[g] - mean32[g] as f64) as f32;
-            a[b * c + ch] = inv[g] * gm[ch];
-        }
-    }
+    let (m, m_lo) = (&st.m_hi, &st.m_lo);
     let bt = &*bt;
-    let mut out = vec![0.0f32; rows * c];
+    let mut out = crate::pool::take(rows * c);
     for_row_chunks(&mut out, c, |r0, chunk| {
         for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
             let r = r0 + i;
@@ -147,7 +166,7 @@ fn map_rows(x: &CpuTensor, f: impl Fn(&[f32], &mut [f32]) + Sync + Send) -> CpuT
     let (_, c) = x.dims2();
     let xs = x.to_f32_cow();
     let xs = &*xs;
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = crate::pool::take(xs.len());
     if c > 0 {
         for_row_chunks(&mut out, c, |r0, chunk| {
             for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {

@@ -26,6 +26,14 @@ pub enum Storage {
     BF16(Vec<bf16>),
 }
 
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Storage::F32(v) = self {
+            crate::pool::give(std::mem::take(v));
+        }
+    }
+}
+
 impl Storage {
     /// Number of elements.
     pub fn len(&self) -> usize {
@@ -55,12 +63,12 @@ impl Storage {
         match self {
             Storage::F32(v) => Cow::Borrowed(v.as_slice()),
             Storage::F16(v) => {
-                let mut out = vec![0.0f32; v.len()];
+                let mut out = crate::pool::take(v.len());
                 v.as_slice().convert_to_f32_slice(&mut out);
                 Cow::Owned(out)
             }
             Storage::BF16(v) => {
-                let mut out = vec![0.0f32; v.len()];
+                let mut out = crate::pool::take(v.len());
                 v.as_slice().convert_to_f32_slice(&mut out);
                 Cow::Owned(out)
             }
