@@ -125,13 +125,29 @@ impl Padded {
         let (hp, wp) = (h + 2 * pad, w + 2 * pad);
         let margin = pad * wp + pad;
         let q = grid.batch * hp * wp;
-        let mut data = crate::pool::take_zeroed((2 * margin + q) * c);
-        for b in 0..grid.batch {
-            for y in 0..h {
-                let src = &xs[(b * h + y) * w * c..(b * h + y + 1) * w * c];
-                let at = (margin + b * hp * wp + (y + pad) * wp + pad) * c;
-                data[at..at + w * c].copy_from_slice(src);
-            }
+        // Every element is written below: the margins and borders zeroed,
+        // the interior copied, one padded image row per task.
+        let mut data = crate::pool::take((2 * margin + q) * c);
+        let (head, rest) = data.split_at_mut(margin * c);
+        let (body, tail) = rest.split_at_mut(q * c);
+        head.fill(0.0);
+        tail.fill(0.0);
+        let row = wp * c;
+        if row > 0 {
+            for_row_chunks(body, row, |r0, chunk| {
+                for (i, dst) in chunk.chunks_exact_mut(row).enumerate() {
+                    let (b, yp) = ((r0 + i) / hp, (r0 + i) % hp);
+                    if yp < pad || yp >= pad + h {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let y = yp - pad;
+                    let src = &xs[(b * h + y) * w * c..(b * h + y + 1) * w * c];
+                    dst[..pad * c].fill(0.0);
+                    dst[pad * c..(pad + w) * c].copy_from_slice(src);
+                    dst[(pad + w) * c..].fill(0.0);
+                }
+            });
         }
         Padded {
             data,
@@ -238,8 +254,32 @@ pub(crate) fn conv_f32(
     if rows == 0 || cout == 0 {
         return;
     }
+    let xp = Padded::new(xs, grid, cin, k / 2);
+    conv_padded(&xp, grid, cin, wt, cout, k, bias, out);
+    crate::pool::give(xp.data);
+}
+
+/// [`conv_f32`] on an input already in the [`Padded`] layout (padding
+/// `k / 2`), so a backward pass pads the output gradient once for both the
+/// input and the weight gradients.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_padded(
+    xp: &Padded,
+    grid: Grid,
+    cin: usize,
+    wt: &[f32],
+    cout: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let kc = k * k * cin;
+    debug_assert_eq!(wt.len(), cout * kc);
+    debug_assert_eq!(out.len(), grid.rows() * cout);
+    if grid.rows() == 0 || cout == 0 {
+        return;
+    }
     let pad = k / 2;
-    let xp = Padded::new(xs, grid, cin, pad);
     let q = xp.positions(grid);
     let mut op = crate::pool::take(q * cout);
     for ky in 0..k {
@@ -266,7 +306,6 @@ pub(crate) fn conv_f32(
             );
         }
     }
-    crate::pool::give(xp.data);
     let (h, w) = (grid.height, grid.width);
     for_row_chunks(out, w * cout, |r0, chunk| {
         for (i, dst) in chunk.chunks_exact_mut(w * cout).enumerate() {

@@ -14,7 +14,7 @@ use dcdit_core::backend_grad::{AdamW, GradBackend};
 use dcdit_core::{Error, Result};
 use rayon::prelude::*;
 
-use crate::dense::{check_grid, conv_f32, depthwise_f32, Padded};
+use crate::dense::{check_grid, conv_padded, depthwise_f32, Padded};
 use crate::math::{softmax, unary_backward_slice};
 use crate::norm::{group_stats, GroupStats};
 use crate::tensor::{numel_of, CpuTensor};
@@ -361,7 +361,10 @@ fn conv2d_backward(
                 );
             }
         } else {
-            conv_weight_grad(xs, grid, cin, k, gs, cout, &mut dw);
+            let xp = Padded::new(xs, grid, cin, k / 2);
+            let gp = Padded::new(gs, grid, cout, k / 2);
+            conv_weight_grad(&xp, grid, cin, k, &gp, cout, &mut dw);
+            crate::pool::give(xp.data);
             // dx is the "same" convolution of g with the spatially flipped,
             // in/out-transposed kernel: w'[ci, ky, kx, co] = w[co, k-1-ky, k-1-kx, ci].
             let mut wf = vec![0.0f32; cin * k * k * cout];
@@ -376,7 +379,8 @@ fn conv2d_backward(
                     }
                 }
             }
-            conv_f32(gs, grid, cout, &wf, cin, k, None, &mut dx);
+            conv_padded(&gp, grid, cout, &wf, cin, k, None, &mut dx);
+            crate::pool::give(gp.data);
         }
     }
     Ok((
@@ -392,18 +396,15 @@ fn conv2d_backward(
 /// nothing). The positions are split over the threads, each accumulating its
 /// own `dw`, and the partial sums added.
 fn conv_weight_grad(
-    xs: &[f32],
+    xp: &Padded,
     grid: Grid,
     cin: usize,
     k: usize,
-    gs: &[f32],
+    gp: &Padded,
     cout: usize,
     dw: &mut [f32],
 ) {
     let kc = k * k * cin;
-    let pad = k / 2;
-    let xp = Padded::new(xs, grid, cin, pad);
-    let gp = Padded::new(gs, grid, cout, pad);
     let q = xp.positions(grid);
     let threads = rayon::current_num_threads().max(1);
     let parts = if q * kc * cout >= GEMM_PAR_WORK {
@@ -466,8 +467,6 @@ fn conv_weight_grad(
         }
         partial.into_iter().for_each(crate::pool::give);
     }
-    crate::pool::give(xp.data);
-    crate::pool::give(gp.data);
 }
 
 /// Gradients of the depthwise 3x3 convolution: `(dx, dw)`.
