@@ -79,9 +79,11 @@ where
     }
     let run = |&(s, a, b): &(usize, usize, usize)| {
         let mut acc = vec![0.0f32; width];
-        for r in a..b {
-            f(r, &mut acc);
-        }
+        crate::util::simd(|| {
+            for r in a..b {
+                f(r, &mut acc);
+            }
+        });
         (s, acc)
     };
     let rows = seg[samples];

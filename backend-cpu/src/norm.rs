@@ -26,9 +26,11 @@ fn channel_reduce(
         let mut acc = vec![0.0f64; c];
         let r0 = b * l + (ci * rows_per).min(l);
         let r1 = (b * l + l).min(r0 + rows_per);
-        for r in r0..r1 {
-            f(b, &xs[r * c..(r + 1) * c], &mut acc);
-        }
+        crate::util::simd(|| {
+            for r in r0..r1 {
+                f(b, &xs[r * c..(r + 1) * c], &mut acc);
+            }
+        });
         (b, acc)
     };
     let n_tasks = batch * chunks_per_sample;

@@ -12,8 +12,46 @@ pub(crate) const PAR_GRAIN: usize = 1 << 15;
 /// Work (`m * n * k`) below which a gemm runs single-threaded.
 pub(crate) const GEMM_PAR_WORK: usize = 1 << 20;
 
+/// Runs `f` compiled for the widest SIMD level the CPU has (AVX-512, else
+/// AVX2 + FMA, else the build's baseline). The closure is inlined into a
+/// `#[target_feature]` function, so the plain Rust loops of the element-wise
+/// kernels are vectorised for that level without a hand-written copy each.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { simd_avx512(f) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { simd_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn simd_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn simd_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// Runs `f(first_row, rows)` over chunks of whole `cols`-wide rows of `out`,
-/// in parallel (on the current rayon pool) when `out` is large.
+/// in parallel (on the current rayon pool) when `out` is large, each chunk
+/// through [`simd`].
 pub(crate) fn for_row_chunks<F>(out: &mut [f32], cols: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
@@ -23,13 +61,13 @@ where
     }
     let cols = cols.max(1);
     if out.len() <= PAR_GRAIN {
-        f(0, out);
+        simd(|| f(0, out));
         return;
     }
     let rows_per = (PAR_GRAIN / cols).max(1);
     out.par_chunks_mut(rows_per * cols)
         .enumerate()
-        .for_each(|(i, chunk)| f(i * rows_per, chunk));
+        .for_each(|(i, chunk)| simd(|| f(i * rows_per, chunk)));
 }
 
 /// Validates packed-batch offsets against a row count: `seg[0] == 0`,
