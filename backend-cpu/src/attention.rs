@@ -89,7 +89,8 @@ pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<
         let qoff = head * hd;
         let koff = d + head * hd;
         let voff = 2 * d + head * hd;
-        scores.clear();
+        // Every score is written before it is read: resize keeps the old
+        // contents and fills only growth, so no memset per task.
         scores.resize(qn * n, 0.0);
         // SAFETY (all `out` writes below): task (segment, head, q block) owns
         // output rows r0+q0 .. r0+q0+qn, columns head*hd .. (head+1)*hd.

@@ -1031,9 +1031,9 @@ fn attention_backward(
         let mut q0 = 0;
         while q0 < n {
             let qn = Q_BLOCK.min(n - q0);
-            p.clear();
+            // Both are overwritten by their first GEMM: resize keeps the old
+            // contents and fills only growth, so no memset per block.
             p.resize(qn * n, 0.0);
-            dp.clear();
             dp.resize(qn * n, 0.0);
             let q_mat = Mat {
                 ptr: xs[(r0 + q0) * c3 + qoff..].as_ptr(),

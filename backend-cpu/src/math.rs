@@ -154,39 +154,10 @@ fn softmax_generic(row: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn unary_avx2(op: Unary, src: &[f32], dst: &mut [f32]) {
-    unary_generic(op, src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn unary_backward_avx2(op: Unary, x: &[f32], g: &[f32], dst: &mut [f32]) {
-    unary_backward_generic(op, x, g, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_avx2(row: &mut [f32]) {
-    softmax_generic(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn has_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2")
-}
-
 /// `dst[i] = op(src[i])` (equal lengths).
 pub(crate) fn unary_slice(op: Unary, src: &[f32], dst: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2.
-        return unsafe { unary_avx2(op, src, dst) };
-    }
-    unary_generic(op, src, dst)
+    crate::util::simd(|| unary_generic(op, src, dst))
 }
 
 /// `dst[i] = g[i] * op'(x[i])` (equal lengths): the gradient of
@@ -194,22 +165,12 @@ pub(crate) fn unary_slice(op: Unary, src: &[f32], dst: &mut [f32]) {
 pub(crate) fn unary_backward_slice(op: Unary, x: &[f32], g: &[f32], dst: &mut [f32]) {
     debug_assert_eq!(x.len(), dst.len());
     debug_assert_eq!(g.len(), dst.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2.
-        return unsafe { unary_backward_avx2(op, x, g, dst) };
-    }
-    unary_backward_generic(op, x, g, dst)
+    crate::util::simd(|| unary_backward_generic(op, x, g, dst))
 }
 
 /// In-place numerically stable softmax of a row (subtracts the row max).
 pub(crate) fn softmax(row: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2.
-        return unsafe { softmax_avx2(row) };
-    }
-    softmax_generic(row)
+    crate::util::simd(|| softmax_generic(row))
 }
 
 #[cfg(test)]
