@@ -6,6 +6,8 @@
 
 use dcdit_core::backend::Unary;
 
+use crate::util::simd_kernel;
+
 /// Below this, `exp` returns 0 (`exp(LO)` is the smallest normal f32).
 const EXP_LO: f32 = -87.336_55;
 /// Above this, `exp` saturates at `exp(EXP_HI)` (~2.4e38).
@@ -154,23 +156,20 @@ fn softmax_generic(row: &mut [f32]) {
     }
 }
 
-/// `dst[i] = op(src[i])` (equal lengths).
-pub(crate) fn unary_slice(op: Unary, src: &[f32], dst: &mut [f32]) {
-    debug_assert_eq!(src.len(), dst.len());
-    crate::util::simd(|| unary_generic(op, src, dst))
+simd_kernel! {
+    /// `dst[i] = op(src[i])` (equal lengths).
+    pub(crate) fn unary_slice(op: Unary, src: &[f32], dst: &mut [f32]) = unary_generic;
 }
 
-/// `dst[i] = g[i] * op'(x[i])` (equal lengths): the gradient of
-/// [`unary_slice`] from its input.
-pub(crate) fn unary_backward_slice(op: Unary, x: &[f32], g: &[f32], dst: &mut [f32]) {
-    debug_assert_eq!(x.len(), dst.len());
-    debug_assert_eq!(g.len(), dst.len());
-    crate::util::simd(|| unary_backward_generic(op, x, g, dst))
+simd_kernel! {
+    /// `dst[i] = g[i] * op'(x[i])` (equal lengths): the gradient of
+    /// [`unary_slice`] from its input.
+    pub(crate) fn unary_backward_slice(op: Unary, x: &[f32], g: &[f32], dst: &mut [f32]) = unary_backward_generic;
 }
 
-/// In-place numerically stable softmax of a row (subtracts the row max).
-pub(crate) fn softmax(row: &mut [f32]) {
-    crate::util::simd(|| softmax_generic(row))
+simd_kernel! {
+    /// In-place numerically stable softmax of a row (subtracts the row max).
+    pub(crate) fn softmax(row: &mut [f32]) = softmax_generic;
 }
 
 #[cfg(test)]

@@ -19,20 +19,12 @@ pub(crate) const GEMM_PAR_WORK: usize = 1 << 20;
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512dq")
-            && std::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features were detected on this CPU.
-            return unsafe { simd_avx512(f) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { simd_avx2(f) };
-        }
+    match simd_level() {
+        // SAFETY: the level's features were detected on this CPU.
+        Level::V4 => return unsafe { simd_avx512(f) },
+        // SAFETY: as above.
+        Level::V3 => return unsafe { simd_avx2(f) },
+        Level::Base => {}
     }
     f()
 }
@@ -48,6 +40,69 @@ unsafe fn simd_avx512<R>(f: impl FnOnce() -> R) -> R {
 unsafe fn simd_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
+
+/// SIMD level of this CPU, detected once.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Level {
+    /// AVX-512 (F, VL, BW, DQ) with FMA.
+    V4,
+    /// AVX2 with FMA.
+    V3,
+    /// The build's baseline.
+    Base,
+}
+
+/// The widest SIMD level the CPU supports.
+#[inline]
+pub(crate) fn simd_level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("fma")
+        {
+            return Level::V4;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Level::V3;
+        }
+    }
+    Level::Base
+}
+
+/// Defines `fn $name(args)` that calls the `#[inline(always)]` function
+/// `$generic` compiled for the CPU's SIMD level (AVX-512, AVX2 + FMA, or
+/// baseline), chosen at run time. For hot kernels whose body is too large
+/// for [`simd`]'s closure to be inlined.
+macro_rules! simd_kernel {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) = $generic:path;) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                unsafe fn v4($($a: $t),*) {
+                    $generic($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($a: $t),*) {
+                    $generic($($a),*)
+                }
+                match $crate::util::simd_level() {
+                    // SAFETY: the level's features were detected on this CPU.
+                    $crate::util::Level::V4 => return unsafe { v4($($a),*) },
+                    // SAFETY: as above.
+                    $crate::util::Level::V3 => return unsafe { v3($($a),*) },
+                    $crate::util::Level::Base => {}
+                }
+            }
+            $generic($($a),*)
+        }
+    };
+}
+pub(crate) use simd_kernel;
 
 /// Runs `f(first_row, rows)` over chunks of whole `cols`-wide rows of `out`,
 /// in parallel (on the current rayon pool) when `out` is large, each chunk
