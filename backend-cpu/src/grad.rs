@@ -1302,15 +1302,15 @@ fn ema_update(ema: &CpuTensor, param: &CpuTensor, decay: f32) -> Result<CpuTenso
 
 impl GradBackend for CpuBackend {
     fn matmul(&self, a: &CpuTensor, b: &CpuTensor, ta: bool, tb: bool) -> Result<CpuTensor> {
-        self.pool.install(|| matmul(a, b, ta, tb))
+        self.run("matmul", || matmul(a, b, ta, tb))
     }
 
     fn col_sum(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        self.pool.install(|| col_sum(x))
+        self.run("col_sum", || col_sum(x))
     }
 
     fn segment_sum(&self, x: &CpuTensor, seg: Segments) -> Result<CpuTensor> {
-        self.pool.install(|| segment_sum(x, seg))
+        self.run("segment_sum", || segment_sum(x, seg))
     }
 
     fn full(&self, shape: &[usize], value: f32) -> Result<CpuTensor> {
@@ -1319,7 +1319,7 @@ impl GradBackend for CpuBackend {
     }
 
     fn sum_squares(&self, x: &CpuTensor) -> Result<f64> {
-        self.pool.install(|| sum_squares(x))
+        self.run("sum_squares", || sum_squares(x))
     }
 
     fn conv2d_backward(
@@ -1330,7 +1330,7 @@ impl GradBackend for CpuBackend {
         k: usize,
         g: &CpuTensor,
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
-        self.pool.install(|| conv2d_backward(x, grid, w, k, g))
+        self.run("conv2d_backward", || conv2d_backward(x, grid, w, k, g))
     }
 
     fn depthwise_conv3x3_backward(
@@ -1340,8 +1340,9 @@ impl GradBackend for CpuBackend {
         w: &CpuTensor,
         g: &CpuTensor,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        self.pool
-            .install(|| depthwise_conv3x3_backward(x, grid, w, g))
+        self.run("depthwise_conv3x3_backward", || {
+            depthwise_conv3x3_backward(x, grid, w, g)
+        })
     }
 
     fn group_norm_backward(
@@ -1353,12 +1354,13 @@ impl GradBackend for CpuBackend {
         eps: f32,
         g: &CpuTensor,
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
-        self.pool
-            .install(|| group_norm_backward(x, grid, groups, gamma, eps, g))
+        self.run("group_norm_backward", || {
+            group_norm_backward(x, grid, groups, gamma, eps, g)
+        })
     }
 
     fn layer_norm_backward(&self, x: &CpuTensor, eps: f32, g: &CpuTensor) -> Result<CpuTensor> {
-        self.pool.install(|| layer_norm_backward(x, eps, g))
+        self.run("layer_norm_backward", || layer_norm_backward(x, eps, g))
     }
 
     fn rms_norm_backward(
@@ -1368,15 +1370,15 @@ impl GradBackend for CpuBackend {
         eps: f32,
         g: &CpuTensor,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        self.pool.install(|| rms_norm_backward(x, w, eps, g))
+        self.run("rms_norm_backward", || rms_norm_backward(x, w, eps, g))
     }
 
     fn l2_normalize_backward(&self, x: &CpuTensor, g: &CpuTensor) -> Result<CpuTensor> {
-        self.pool.install(|| l2_normalize_backward(x, g))
+        self.run("l2_normalize_backward", || l2_normalize_backward(x, g))
     }
 
     fn unary_backward(&self, x: &CpuTensor, op: Unary, g: &CpuTensor) -> Result<CpuTensor> {
-        self.pool.install(|| unary_backward(x, op, g))
+        self.run("unary_backward", || unary_backward(x, op, g))
     }
 
     fn modulate_backward(
@@ -1388,8 +1390,9 @@ impl GradBackend for CpuBackend {
         seg: Segments,
         g: &CpuTensor,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        self.pool
-            .install(|| modulate_backward(x, ada, shift_at, scale_at, seg, g))
+        self.run("modulate_backward", || {
+            modulate_backward(x, ada, shift_at, scale_at, seg, g)
+        })
     }
 
     fn gated_add_backward(
@@ -1400,8 +1403,9 @@ impl GradBackend for CpuBackend {
         seg: Segments,
         g: &CpuTensor,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        self.pool
-            .install(|| gated_add_backward(y, ada, gate_at, seg, g))
+        self.run("gated_add_backward", || {
+            gated_add_backward(y, ada, gate_at, seg, g)
+        })
     }
 
     fn attention_backward(
@@ -1411,7 +1415,9 @@ impl GradBackend for CpuBackend {
         seg: Segments,
         g: &CpuTensor,
     ) -> Result<CpuTensor> {
-        self.pool.install(|| attention_backward(qkv, heads, seg, g))
+        self.run("attention_backward", || {
+            attention_backward(qkv, heads, seg, g)
+        })
     }
 
     fn dechunk_smooth_backward(
@@ -1424,8 +1430,9 @@ impl GradBackend for CpuBackend {
         seg: Segments,
         g: &CpuTensor,
     ) -> Result<(CpuTensor, CpuTensor)> {
-        self.pool
-            .install(|| dechunk_smooth_backward(h, p, pos, width, sigma, seg, g))
+        self.run("dechunk_smooth_backward", || {
+            dechunk_smooth_backward(h, p, pos, width, sigma, seg, g)
+        })
     }
 
     fn adamw_step(
@@ -1437,11 +1444,12 @@ impl GradBackend for CpuBackend {
         hp: AdamW,
         grad_scale: f32,
     ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
-        self.pool
-            .install(|| adamw_step(param, grad, m, v, hp, grad_scale))
+        self.run("adamw_step", || {
+            adamw_step(param, grad, m, v, hp, grad_scale)
+        })
     }
 
     fn ema_update(&self, ema: &CpuTensor, param: &CpuTensor, decay: f32) -> Result<CpuTensor> {
-        self.pool.install(|| ema_update(ema, param, decay))
+        self.run("ema_update", || ema_update(ema, param, decay))
     }
 }

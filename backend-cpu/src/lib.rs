@@ -7,12 +7,20 @@
 //!   f32, f16 or bf16 ([`Storage`]). Reduced-precision storage is real: ops read
 //!   their inputs converting to f32, compute in f32, and store the result in
 //!   the dtype of their first tensor argument.
-//! * Dense layers go through the [`gemm`] crate: `linear` is a single gemm
-//!   (weights used transposed through strides, no copy), `conv2d` is im2col +
-//!   gemm over row chunks, attention runs two gemms per
-//!   `(segment, head, query block)` task.
+//! * Dense layers go through the [`gemm`] crate (its AVX-512 kernels are
+//!   chosen at run time where the CPU has them): `linear` is a single gemm
+//!   (weights used transposed through strides, no copy); a k x k `conv2d` is
+//!   k sliding-window gemms over a zero-padded copy of the input (in NHWC a
+//!   kernel row's pixels are adjacent, so no im2col buffer); attention runs
+//!   two gemms per `(segment, head, query block)` task.
+//! * Element-wise, norm and reduction loops are plain Rust compiled per SIMD
+//!   level (AVX-512, AVX2 + FMA, baseline) and picked at run time.
+//! * Output buffers are recycled through a pool ([`pool`]): a steady-state
+//!   training step or sampling step reuses the previous step's buffers.
 //! * All work runs on a private rayon pool ([`CpuBackend::with_threads`]), so
 //!   the backend does not fight other pools in the process.
+//! * [`CpuBackend::set_op_profiling`] times every op ([`profile`]); the CLI's
+//!   `train` prints the table when `DCDIT_PROFILE_OPS=1` is set.
 //!
 //! ```
 //! use dcdit_backend_cpu::CpuBackend;
@@ -36,6 +44,7 @@ mod grad;
 mod math;
 mod norm;
 pub mod pool;
+pub mod profile;
 mod tensor;
 mod util;
 
@@ -51,6 +60,7 @@ pub use tensor::{CpuTensor, Shape, Storage};
 #[derive(Clone)]
 pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
+    profile: Arc<profile::OpProfile>,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -100,6 +110,7 @@ impl CpuBackend {
             })?;
         Ok(CpuBackend {
             pool: Arc::new(pool),
+            profile: Arc::default(),
         })
     }
 
@@ -117,6 +128,47 @@ impl CpuBackend {
     /// their own rayon code with the same threads).
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
+    }
+
+    /// Runs op `name` on the pool, timing it when op profiling is on.
+    #[inline]
+    fn run<R: Send>(&self, name: &'static str, f: impl FnOnce() -> R + Send) -> R {
+        if !self.profile.enabled() {
+            return self.pool.install(f);
+        }
+        let t0 = std::time::Instant::now();
+        let r = self.pool.install(f);
+        self.profile.record(name, t0.elapsed());
+        r
+    }
+
+    /// Turns per-op wall-time profiling on or off (off by default; clones of
+    /// this backend share the table). Off, an op pays one relaxed atomic load.
+    ///
+    /// ```
+    /// use dcdit_backend_cpu::CpuBackend;
+    /// use dcdit_core::backend::{Backend, Unary};
+    /// let b = CpuBackend::try_with_threads(1).unwrap();
+    /// b.set_op_profiling(true);
+    /// let x = b.from_f32(&[1.0, 2.0], &[2]).unwrap();
+    /// b.unary(&x, Unary::Silu).unwrap();
+    /// let prof = b.op_profile();
+    /// assert_eq!(prof[0].name, "unary");
+    /// assert_eq!(prof[0].calls, 1);
+    /// ```
+    pub fn set_op_profiling(&self, on: bool) {
+        self.profile.set_enabled(on);
+    }
+
+    /// Accumulated per-op times since profiling started (or the last
+    /// [`reset_op_profile`](Self::reset_op_profile)), largest total first.
+    pub fn op_profile(&self) -> Vec<profile::OpTime> {
+        self.profile.snapshot()
+    }
+
+    /// Clears the per-op table.
+    pub fn reset_op_profile(&self) {
+        self.profile.reset();
     }
 }
 
@@ -203,7 +255,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Result<CpuTensor> {
-        self.pool.install(|| dense::linear(x, w, b))
+        self.run("linear", || dense::linear(x, w, b))
     }
 
     fn conv2d(
@@ -214,11 +266,11 @@ impl Backend for CpuBackend {
         b: Option<&CpuTensor>,
         k: usize,
     ) -> Result<CpuTensor> {
-        self.pool.install(|| dense::conv2d(x, grid, w, b, k))
+        self.run("conv2d", || dense::conv2d(x, grid, w, b, k))
     }
 
     fn depthwise_conv3x3(&self, x: &CpuTensor, grid: Grid, w: &CpuTensor) -> Result<CpuTensor> {
-        self.pool.install(|| dense::depthwise_conv3x3(x, grid, w))
+        self.run("depthwise_conv3x3", || dense::depthwise_conv3x3(x, grid, w))
     }
 
     fn group_norm(
@@ -230,48 +282,49 @@ impl Backend for CpuBackend {
         beta: &CpuTensor,
         eps: f32,
     ) -> Result<CpuTensor> {
-        self.pool
-            .install(|| norm::group_norm(x, grid, groups, gamma, beta, eps))
+        self.run("group_norm", || {
+            norm::group_norm(x, grid, groups, gamma, beta, eps)
+        })
     }
 
     fn layer_norm(&self, x: &CpuTensor, eps: f32) -> Result<CpuTensor> {
-        self.pool.install(|| norm::layer_norm(x, eps))
+        self.run("layer_norm", || norm::layer_norm(x, eps))
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
-        self.pool.install(|| norm::rms_norm(x, w, eps))
+        self.run("rms_norm", || norm::rms_norm(x, w, eps))
     }
 
     fn l2_normalize(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        self.pool.install(|| norm::l2_normalize(x))
+        self.run("l2_normalize", || norm::l2_normalize(x))
     }
 
     fn unary(&self, x: &CpuTensor, op: Unary) -> Result<CpuTensor> {
-        self.pool.install(|| elementwise::unary(x, op))
+        self.run("unary", || elementwise::unary(x, op))
     }
 
     fn binary(&self, a: &CpuTensor, b: &CpuTensor, op: Binary) -> Result<CpuTensor> {
-        self.pool.install(|| elementwise::binary(a, b, op))
+        self.run("binary", || elementwise::binary(a, b, op))
     }
 
     fn affine(&self, x: &CpuTensor, a: f32, b: f32) -> Result<CpuTensor> {
-        self.pool.install(|| elementwise::affine(x, a, b))
+        self.run("affine", || elementwise::affine(x, a, b))
     }
 
     fn row_sum(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        self.pool.install(|| elementwise::row_sum(x))
+        self.run("row_sum", || elementwise::row_sum(x))
     }
 
     fn scale_rows(&self, x: &CpuTensor, s: &CpuTensor) -> Result<CpuTensor> {
-        self.pool.install(|| elementwise::scale_rows(x, s))
+        self.run("scale_rows", || elementwise::scale_rows(x, s))
     }
 
     fn ste(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::ste(x)
+        self.run("ste", || elementwise::ste(x))
     }
 
     fn add_segment(&self, x: &CpuTensor, v: &CpuTensor, seg: Segments) -> Result<CpuTensor> {
-        self.pool.install(|| elementwise::add_segment(x, v, seg))
+        self.run("add_segment", || elementwise::add_segment(x, v, seg))
     }
 
     fn modulate(
@@ -282,8 +335,9 @@ impl Backend for CpuBackend {
         scale_at: usize,
         seg: Segments,
     ) -> Result<CpuTensor> {
-        self.pool
-            .install(|| elementwise::modulate(x, ada, shift_at, scale_at, seg))
+        self.run("modulate", || {
+            elementwise::modulate(x, ada, shift_at, scale_at, seg)
+        })
     }
 
     fn gated_add(
@@ -294,20 +348,23 @@ impl Backend for CpuBackend {
         gate_at: usize,
         seg: Segments,
     ) -> Result<CpuTensor> {
-        self.pool
-            .install(|| elementwise::gated_add(x, y, ada, gate_at, seg))
+        self.run("gated_add", || {
+            elementwise::gated_add(x, y, ada, gate_at, seg)
+        })
     }
 
     fn gather_rows(&self, x: &CpuTensor, idx: &[u32]) -> Result<CpuTensor> {
-        self.pool.install(|| elementwise::gather_rows(x, idx))
+        self.run("gather_rows", || elementwise::gather_rows(x, idx))
     }
 
     fn scatter_add_rows(&self, x: &CpuTensor, idx: &[u32], rows: usize) -> Result<CpuTensor> {
-        elementwise::scatter_add_rows(x, idx, rows)
+        self.run("scatter_add_rows", || {
+            elementwise::scatter_add_rows(x, idx, rows)
+        })
     }
 
     fn attention(&self, qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<CpuTensor> {
-        self.pool.install(|| attention::attention(qkv, heads, seg))
+        self.run("attention", || attention::attention(qkv, heads, seg))
     }
 
     fn dechunk_smooth(
@@ -319,7 +376,8 @@ impl Backend for CpuBackend {
         sigma: f32,
         seg: Segments,
     ) -> Result<CpuTensor> {
-        self.pool
-            .install(|| dechunk::dechunk_smooth(h, p, pos, width, sigma, seg))
+        self.run("dechunk_smooth", || {
+            dechunk::dechunk_smooth(h, p, pos, width, sigma, seg)
+        })
     }
 }

@@ -129,7 +129,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     remove_stale_temporaries(&dir);
-    let ad = Autodiff::new(cpu(args.threads)?);
+    let backend = cpu(args.threads)?;
+    // DCDIT_PROFILE_OPS=1: print where the steps' time went, by backend op.
+    let profile_ops = std::env::var_os("DCDIT_PROFILE_OPS").is_some();
+    backend.set_op_profiling(profile_ops);
+    let ad = Autodiff::new(backend.clone());
     let (_, reg) = model::build(&spec);
     let init = init_weights(&spec, &reg, cfg.training.seed)?;
     let mut trainer = Trainer::new(ad, &cfg, &init, opts)?;
@@ -199,6 +203,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         start.elapsed().as_secs_f64(),
         dir.join(LATEST).display()
     );
+    if profile_ops {
+        eprint!(
+            "{}",
+            dcdit_backend_cpu::profile::format_table(&backend.op_profile())
+        );
+    }
     Ok(())
 }
 
