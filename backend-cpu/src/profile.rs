@@ -50,7 +50,7 @@ impl OpProfile {
 
     pub(crate) fn snapshot(&self) -> Vec<OpTime> {
         let mut v = self.table.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        v.sort_by(|a, b| b.total.cmp(&a.total));
+        v.sort_by_key(|o| std::cmp::Reverse(o.total));
         v
     }
 
