@@ -181,7 +181,7 @@ fn norms(c: &mut Criterion) {
         |bn| {
             bn.iter(|| {
                 let n = b.layer_norm(&x, 1e-6).unwrap();
-                black_box(b.modulate(&n, &ada, 0, D, &seg).unwrap())
+                black_box(b.modulate(&n, &ada, 0, 1, &seg).unwrap())
             })
         },
     );
