@@ -161,7 +161,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.keep.is_empty() || a.keep.iter().any(|k| !(*k > 0.0 && *k <= 1.0)) {
         bail!("--keep fractions must be in (0, 1]");
     }
-    if a.workloads.contains(&Workload::Gemm) && a.peak_sizes.iter().any(|&n| n == 0) {
+    if a.workloads.contains(&Workload::Gemm) && a.peak_sizes.contains(&0) {
         bail!("--peak-sizes must be > 0");
     }
     // Fail before the long Rust runs when the PyTorch side cannot run.
@@ -260,20 +260,30 @@ fn random_weights(spec: &ModelSpec) -> Result<TensorMap> {
     Ok(w)
 }
 
-/// The router bias that keeps `keep` of the tokens, given the logits of all
-/// tokens under `bias0`: the threshold sits half-way between two neighbouring
+/// The router bias that keeps `keep` of the tokens, given the boundary
+/// probabilities of all tokens (samples of `l` tokens, both ends forced to 1)
+/// under `bias0`: the threshold sits half-way between two neighbouring
 /// logits, so f32 round-off (here or in PyTorch) cannot flip a decision.
-fn bias_for(logits: &[f32], bias0: f32, keep: f64) -> f32 {
-    let mut l: Vec<f32> = logits.iter().copied().filter(|v| v.is_finite()).collect();
-    l.sort_by(|a, b| a.total_cmp(b));
-    let n = logits.len();
-    let forced = n - l.len(); // the forced ends (p = 1)
+fn bias_for(prob: &[f32], l: usize, bias0: f32, keep: f64) -> f32 {
+    let mut lg: Vec<f32> = prob
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % l != 0 && i % l != l - 1)
+        .map(|(_, &p)| {
+            let p = (p as f64).clamp(1e-30, 1.0 - 1e-12);
+            (p / (1.0 - p)).ln() as f32
+        })
+        .collect();
+    lg.sort_by(|a, b| a.total_cmp(b));
+    let n = prob.len();
+    let forced = n - lg.len();
     let want = ((keep * n as f64).round() as usize).clamp(forced, n);
-    let k = l.len() - (want - forced); // first kept index among the finite ones
+    let k = lg.len() - (want - forced); // first kept index among the free tokens
     let thr = match k {
-        0 => l[0] - 1.0,
-        k if k >= l.len() => l[l.len() - 1] + 1.0,
-        k => 0.5 * (l[k - 1] + l[k]),
+        _ if lg.is_empty() => 0.0,
+        0 => lg[0] - 1.0,
+        k if k >= lg.len() => lg[lg.len() - 1] + 1.0,
+        k => 0.5 * (lg[k - 1] + lg[k]),
     };
     bias0 - thr
 }
@@ -413,12 +423,7 @@ fn forward_workloads(
     let model = Model::load(backend, cfg, &w)?;
     let x = model.input_from_nchw(backend, &xh, batch)?;
     let probe = model.forward(backend, &x, &t, &y, &TailDrop::None)?;
-    let logits: Option<Vec<f32>> = probe.routing.as_ref().map(|r| {
-        r.boundary_prob
-            .iter()
-            .map(|p| (p / (1.0 - p)).ln())
-            .collect()
-    });
+    let prob: Option<Vec<f32>> = probe.routing.map(|r| r.boundary_prob);
     let bias0 = w.get(ROUTER_BIAS).map(|b| b.data[0]);
     let mut results = Vec::new();
     let mut manifest = Vec::new();
@@ -428,9 +433,9 @@ fn forward_workloads(
         a.keep[..1].to_vec()
     };
     for (i, &keep) in keeps.iter().enumerate() {
-        if let (Some(lg), Some(b0)) = (&logits, bias0) {
+        if let (Some(p), Some(b0)) = (&prob, bias0) {
             let mut bias = w.get(ROUTER_BIAS).expect("router bias").clone();
-            bias.data[0] = bias_for(lg, b0, keep);
+            bias.data[0] = bias_for(p, l, b0, keep);
             w.insert(ROUTER_BIAS, bias);
         }
         let model = Model::load(backend, cfg, &w)?;
@@ -941,7 +946,7 @@ fn row(
            "ratio": ratio, "target": target, "met": met})
 }
 
-fn forward_by_keep<'a>(v: &'a Value, keep: f64) -> Option<&'a Value> {
+fn forward_by_keep(v: &Value, keep: f64) -> Option<&Value> {
     v.as_array()?
         .iter()
         .find(|w| w["target_keep"].as_f64() == Some(keep))
@@ -1147,4 +1152,40 @@ fn machine_info(b: &CpuBackend) -> Value {
         "avx512f": has("avx512f"), "avx512_bf16": has("avx512_bf16"), "amx_bf16": has("amx_bf16"),
         "avx2": has("avx2"), "fma": has("fma"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_for_keeps_the_asked_fraction_with_a_margin() {
+        // Two samples of 6 tokens; ends forced to 1.
+        let p = [
+            1.0, 0.1, 0.6, 0.3, 0.9, 1.0, //
+            1.0, 0.45, 0.2, 0.7, 0.55, 1.0,
+        ];
+        let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+        for (keep, want) in [(0.5, 6), (0.75, 9), (1.0 / 3.0, 4), (1.0, 12)] {
+            let b = bias_for(&p, 6, 0.0, keep) as f64;
+            let kept = p
+                .iter()
+                .enumerate()
+                .filter(|(i, &q)| {
+                    i % 6 == 0 || i % 6 == 5 || {
+                        let q = q as f64;
+                        sig((q / (1.0 - q)).ln() + b) > 0.5 + 1e-3
+                    }
+                })
+                .count();
+            assert_eq!(kept, want, "keep {keep}");
+        }
+    }
+
+    #[test]
+    fn stats_are_medians() {
+        let s = stats(&[3.0, 1.0, 2.0, 10.0]);
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 10.0));
+        assert_eq!(stats(&[5.0, 1.0, 2.0]).median, 2.0);
+    }
 }
