@@ -520,6 +520,12 @@ fn bf16_forward(
     }
     let rel = (num / den.max(1e-300)).sqrt();
     let same = run.mask == f32_run.mask;
+    let differ = run
+        .mask
+        .iter()
+        .zip(&f32_run.mask)
+        .filter(|(a, b)| a != b)
+        .count();
     let gflop = run.flops.total() as f64 / 1e9;
     println!(
         "forward bf16 (weights + activations, router f32, f32 accumulation) | kept {} | median {:.1} ms (min {:.1}, max {:.1}) | {:.1} GFLOP/s | rel. error vs f32 {:.2e} | mask {}",
@@ -529,12 +535,16 @@ fn bf16_forward(
         s.max * 1e3,
         gflop / s.median,
         rel,
-        if same { "same as f32" } else { "DIFFERS from f32" }
+        if same {
+            "same as f32".to_string()
+        } else {
+            format!("differs from f32 in {differ} tokens")
+        }
     );
     print_profile("bf16", &run);
     Ok(json!({
         "time": stats_json(&run.times), "median": s.median, "gflops": gflop / s.median,
-        "rel_err_vs_f32": rel, "mask_agrees_with_f32": same, "kept": run.kept,
+        "rel_err_vs_f32": rel, "mask_agrees_with_f32": same, "mask_differences": differ, "kept": run.kept,
         "components": profile_json(&run),
     }))
 }
