@@ -171,7 +171,12 @@ class Packed(torch.nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def timed(fn, iters, warmup):
+def log(msg):
+    """Progress on stderr (stdout carries the JSON)."""
+    print(f"  [pytorch] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn, iters, warmup, what=None):
     for _ in range(warmup):
         fn()
     ts = []
@@ -179,6 +184,8 @@ def timed(fn, iters, warmup):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
+    if what:
+        log(f"{what}: median {statistics.median(ts) * 1e3:.1f} ms over {iters}")
     return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "runs": ts}
 
 
@@ -213,7 +220,7 @@ def forward_workload(w, iters, warmup):
         variants = {}
         for mode in w.get("variants", ["per_sample_sdpa", "masked_sdpa", "reference"]):
             r = timed(lambda m=mode: outs.__setitem__(m, dcdit_forward(model, x, t, y, m)["out"]),
-                      iters, warmup)
+                      iters, warmup, f"forward {w['name']} {mode}")
             variants[mode] = r
         base = outs["per_sample_sdpa"]
         for mode, o in outs.items():
@@ -229,7 +236,8 @@ def forward_workload(w, iters, warmup):
             mb = load_model(w["config"], w["weights"], torch.bfloat16)
             xb = x.to(torch.bfloat16)
             ob = {}
-            r = timed(lambda: ob.__setitem__("o", dcdit_forward(mb, xb, t, y, best)), iters, warmup)
+            r = timed(lambda: ob.__setitem__("o", dcdit_forward(mb, xb, t, y, best)), iters, warmup,
+                      f"forward {w['name']} bf16 {best}")
             r["rel_err_vs_f32"] = rel(ob["o"]["out"].float(), base)
             r["mask_agrees_with_f32"] = bool(torch.equal(ob["o"]["boundary_mask"], keep))
             r["attention"] = best
@@ -276,7 +284,7 @@ def train_workload(w, iters, warmup):
             log.append((res["loss"].item(), norm.item(),
                         int(res["model"]["boundary_mask"].sum())))
 
-        r = timed(step, iters, warmup)
+        r = timed(step, iters, warmup, f"train step {mode}")
         r["first_loss"], r["first_grad_norm"], r["first_kept"] = log[0]
         r["kept_per_step"] = [k for _, _, k in log]
         out["variants"][mode] = r
@@ -298,7 +306,7 @@ def gemm_workload(w, iters, warmup):
     for rows, k, m in w["shapes"]:
         x = torch.randn(rows, k, generator=g)
         wt = torch.randn(m, k, generator=g) * 0.03
-        r = timed(lambda: F.linear(x, wt), iters, warmup)
+        r = timed(lambda: F.linear(x, wt), iters, warmup, f"F.linear {rows}x{k}x{m}")
         r["shape"] = [rows, k, m]
         r["gflops"] = 2 * rows * k * m / r["median"] / 1e9
         res["shapes"].append(r)
@@ -306,7 +314,7 @@ def gemm_workload(w, iters, warmup):
         for dt in (torch.float32, torch.bfloat16):
             a = torch.randn(n, n, generator=g).to(dt)
             b = torch.randn(n, n, generator=g).to(dt)
-            r = timed(lambda: torch.mm(a, b), iters, warmup)
+            r = timed(lambda: torch.mm(a, b), iters, warmup, f"torch.mm {n}^3 {dt}")
             r["n"] = n
             r["dtype"] = str(dt).replace("torch.", "")
             r["gflops"] = 2 * n ** 3 / r["median"] / 1e9
