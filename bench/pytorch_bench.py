@@ -9,7 +9,7 @@
 weights and inputs of every workload (safetensors, the same files its own timings
 used) and runs this script; you normally do not call it by hand. The manifest:
 
-    {"threads": 2, "iters": 5, "warmup": 1,
+    {"threads": 2, "iters": 5, "warmup": 1, "reference_loop": false,
      "forward": [{"name": "keep0.25", "config": "...yaml", "weights": "...", "inputs": "...",
                   "bf16": false}],
      "train":   {"config": "...yaml", "weights": "...", "batch": "...", "steps": 5},
@@ -25,8 +25,9 @@ The model is the repo's reference (tests/reference/dcdit_ref.py), eager, f32, wi
 attention runs either per sample with `F.scaled_dot_product_attention`
 ("per_sample_sdpa") or once over the zero-padded batch with a key-padding mask
 ("masked_sdpa"); both are timed and the faster one is the baseline. The reference's
-own per-sample loop with an explicit softmax ("reference") is timed too, for the
-record. Encoder, router, de-chunk and decoder are the reference's own code.
+own per-sample loop with an explicit softmax ("reference") is timed too when the
+manifest asks ("reference_loop": true; `dcdit-cli bench --pytorch-reference-loop`), for
+the record. Encoder, router, de-chunk and decoder are the reference's own code.
 
 Prints one JSON object on stdout; timings are in seconds (median of `iters` runs after
 `warmup` runs).
@@ -201,7 +202,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def forward_workload(w, iters, warmup):
+def forward_workload(w, iters, warmup, reference_loop):
     model = load_model(w["config"], w["weights"])
     inp = load_file(w["inputs"])
     x, t, y = inp["x"].float(), inp["t"].long(), inp["y"].long()
@@ -218,7 +219,8 @@ def forward_workload(w, iters, warmup):
             res["mask_differences"] = int((rust != keep).sum())
         outs = {}
         variants = {}
-        for mode in w.get("variants", ["per_sample_sdpa", "masked_sdpa", "reference"]):
+        modes = ["per_sample_sdpa", "masked_sdpa"] + (["reference"] if reference_loop else [])
+        for mode in modes:
             r = timed(lambda m=mode: outs.__setitem__(m, dcdit_forward(model, x, t, y, m)["out"]),
                       iters, warmup, f"forward {w['name']} {mode}")
             variants[mode] = r
@@ -340,7 +342,8 @@ def main():
         "mkldnn_bf16": bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()),
     }
     if man.get("forward"):
-        out["forward"] = [forward_workload(w, iters, warmup) for w in man["forward"]]
+        ref = bool(man.get("reference_loop", False))
+        out["forward"] = [forward_workload(w, iters, warmup, ref) for w in man["forward"]]
     if man.get("train"):
         out["train"] = train_workload(man["train"], int(man["train"].get("steps", iters)), warmup)
     if man.get("gemm"):

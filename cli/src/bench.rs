@@ -96,6 +96,10 @@ pub struct BenchArgs {
     /// weights and inputs, and print the ratio table.
     #[arg(long)]
     pub against_pytorch: bool,
+    /// Also time the reference's own per-sample loop with an explicit softmax
+    /// (slow; for the record, never the baseline).
+    #[arg(long)]
+    pub pytorch_reference_loop: bool,
     /// Python interpreter with torch, safetensors, pyyaml and numpy.
     #[arg(long, default_value = "python3")]
     pub python: String,
@@ -191,39 +195,63 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let files = a.against_pytorch.then_some(dir.as_path());
 
+    // Each dcdit workload is followed at once by its PyTorch counterpart, so
+    // that a change of load during the run hits both sides of a ratio alike.
     let mut rust = serde_json::Map::new();
-    let mut manifest = json!({
-        "threads": threads, "iters": a.iters, "warmup": a.warmup,
-    });
-    let res = (|| -> Result<Option<Value>> {
+    let mut torch: Option<Value> = None;
+    let mut pytorch = |piece: Value| -> Result<()> {
+        let Some(script) = &script else {
+            return Ok(());
+        };
+        let mut man = json!({
+            "threads": threads, "iters": a.iters, "warmup": a.warmup,
+            "reference_loop": a.pytorch_reference_loop,
+        });
+        for (k, v) in piece.as_object().into_iter().flatten() {
+            man[k] = v.clone();
+        }
+        let v = run_pytorch(&a, script, &dir, &man)?;
+        let t = torch.get_or_insert_with(|| json!({}));
+        for (k, x) in v.as_object().into_iter().flatten() {
+            match (k.as_str(), t.get_mut(k)) {
+                ("forward", Some(Value::Array(list))) => {
+                    list.extend(x.as_array().into_iter().flatten().cloned())
+                }
+                _ => t[k] = x.clone(),
+            }
+        }
+        Ok(())
+    };
+    let res = (|| -> Result<()> {
         let wants = |w| a.workloads.contains(&w);
         if wants(Workload::Forward) || wants(Workload::Bf16) || wants(Workload::Gemm) {
             let cfg = read_config(&a.config)?;
             if wants(Workload::Forward) || wants(Workload::Bf16) {
-                let (fwd, man) = forward_workloads(&a, &backend, &cfg, files)?;
+                let fwd = forward_workloads(&a, &backend, &cfg, files, &mut |entry| {
+                    pytorch(json!({ "forward": [entry] }))
+                })?;
                 rust.insert("forward".into(), fwd);
-                manifest["forward"] = man;
             }
             if wants(Workload::Gemm) {
                 let (g, man) = gemm_workload(&a, &backend, &cfg.model_spec()?)?;
                 rust.insert("gemm".into(), g);
-                manifest["gemm"] = man;
+                pytorch(json!({ "gemm": man }))?;
             }
         }
         if wants(Workload::TrainStep) {
             let (t, man) = train_workload(&a, &backend, files)?;
             rust.insert("train".into(), t);
-            manifest["train"] = man;
+            pytorch(json!({ "train": man }))?;
         }
-        match &script {
-            Some(script) => Ok(Some(run_pytorch(&a, script, &dir, &manifest)?)),
-            None => Ok(None),
-        }
+        Ok(())
     })();
     if tmp_owned && a.against_pytorch {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let torch = res?;
+    res?;
+    if let Some(t) = &torch {
+        print_torch(t);
+    }
     let rust = Value::Object(rust);
     let table = ratio_table(&rust, torch.as_ref());
     print_table(&table, torch.as_ref());
@@ -414,7 +442,8 @@ fn forward_workloads(
     backend: &CpuBackend,
     cfg: &Config,
     files: Option<&Path>,
-) -> Result<(Value, Value)> {
+    after_each: &mut dyn FnMut(Value) -> Result<()>,
+) -> Result<Value> {
     let spec = cfg.model_spec()?;
     let batch = a.batch;
     let l = spec.tokens();
@@ -426,7 +455,6 @@ fn forward_workloads(
     let prob: Option<Vec<f32>> = probe.routing.map(|r| r.boundary_prob);
     let bias0 = w.get(ROUTER_BIAS).map(|b| b.data[0]);
     let mut results = Vec::new();
-    let mut manifest = Vec::new();
     let keeps: Vec<f64> = if a.workloads.contains(&Workload::Forward) {
         a.keep.clone()
     } else {
@@ -481,13 +509,15 @@ fn forward_workloads(
                 host(&[batch, spec.out_channels, h, wd], run.out.clone())?,
             );
             write_tensors(&ip, &inp)?;
-            manifest.push(json!({
+            results.push(r);
+            after_each(json!({
                 "name": name, "config": abs(&a.config)?, "weights": wp, "inputs": ip, "bf16": bf16,
-            }));
+            }))?;
+        } else {
+            results.push(r);
         }
-        results.push(r);
     }
-    Ok((Value::Array(results), Value::Array(manifest)))
+    Ok(Value::Array(results))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -851,7 +881,6 @@ fn run_pytorch(a: &BenchArgs, script: &Path, dir: &Path, manifest: &Value) -> Re
         .unwrap_or("");
     let v: Value = serde_json::from_str(line)
         .with_context(|| format!("reading the PyTorch bench's JSON output:\n{text}"))?;
-    print_torch(&v);
     Ok(v)
 }
 
