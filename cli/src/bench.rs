@@ -291,7 +291,8 @@ fn random_weights(spec: &ModelSpec) -> Result<TensorMap> {
 /// The router bias that keeps `keep` of the tokens, given the boundary
 /// probabilities of all tokens (samples of `l` tokens, both ends forced to 1)
 /// under `bias0`: the threshold sits half-way between two neighbouring
-/// logits, so f32 round-off (here or in PyTorch) cannot flip a decision.
+/// logits, so that f32 round-off (here or in PyTorch) is unlikely to flip a
+/// decision (the PyTorch side compares the masks).
 fn bias_for(prob: &[f32], l: usize, bias0: f32, keep: f64) -> f32 {
     let mut lg: Vec<f32> = prob
         .iter()
