@@ -24,6 +24,12 @@ mkdir -p "$OUT"
 
 cargo build --release -p dcdit-cli
 
+load=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
+if awk -v l="$load" 'BEGIN { exit !(l > 0.5) }'; then
+    echo "warning: load average $load before the run: other work is running, and PyTorch's"
+    echo "OpenMP threads slow down far more under load than dcdit's; the ratios will be off."
+fi
+
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"

@@ -178,11 +178,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let threads = backend.threads();
     let machine = machine_info(&backend);
     println!(
-        "dcdit bench: {} | {} | iters {} (+{} warm-up), medians",
+        "dcdit bench: {} | {} | iters {} (+{} warm-up), medians | load average {}",
         machine["cpu"].as_str().unwrap_or("?"),
         backend.name(),
         a.iters,
-        a.warmup
+        a.warmup,
+        loadavg()
     );
 
     let tmp_owned = a.workdir.is_none();
@@ -255,7 +256,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let rust = Value::Object(rust);
     let table = ratio_table(&rust, torch.as_ref());
     print_table(&table, torch.as_ref());
+    let load_end = loadavg();
+    println!("load average at the end: {load_end} (figures taken under load are not valid: PyTorch's OpenMP threads suffer far more from it than dcdit's pool)");
     if let Some(path) = &a.json {
+        let mut machine = machine;
+        machine["loadavg_end"] = json!(load_end);
         let all = json!({
             "machine": machine,
             "args": format!("{a:?}"),
@@ -1175,6 +1180,14 @@ fn print_table(table: &Value, torch: Option<&Value>) {
     }
 }
 
+/// The 1, 5 and 15 minute load averages (Linux), or `?`.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn machine_info(b: &CpuBackend) -> Value {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |k: &str| {
@@ -1189,6 +1202,7 @@ fn machine_info(b: &CpuBackend) -> Value {
         "cpu": field("model name").unwrap_or_else(|| "unknown CPU".into()),
         "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "backend": b.name(),
+        "loadavg_start": loadavg(),
         "avx512f": has("avx512f"), "avx512_bf16": has("avx512_bf16"), "amx_bf16": has("amx_bf16"),
         "avx2": has("avx2"), "fma": has("fma"),
     })
