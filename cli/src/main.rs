@@ -6,7 +6,7 @@
 //! * `sample`: draw samples with the chunking visualisation and compression plot.
 //! * `eval`: class accuracy and Fréchet distance of MNIST samples.
 //! * `inspect`: parameters and FLOPs per component.
-//! * `bench`: forward time on random weights.
+//! * `bench`: speed of the CPU backend, optionally against PyTorch.
 
 mod bench;
 mod eval;
@@ -116,24 +116,9 @@ enum Cmd {
     Sample(sample::SampleArgs),
     /// Class accuracy and Fréchet distance of MNIST samples (shipped classifier).
     Eval(sample::SampleArgs),
-    /// Times the forward of a config on random weights at a target kept fraction (medians).
-    Bench {
-        /// Release-format YAML config.
-        #[arg(long)]
-        config: PathBuf,
-        /// Batch size.
-        #[arg(long, default_value = "8")]
-        batch: usize,
-        /// Target fraction of kept tokens (the router's last bias is shifted to reach it).
-        #[arg(long, default_value = "0.25")]
-        keep: f64,
-        /// Timed repetitions.
-        #[arg(long, default_value = "5")]
-        iters: usize,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-    },
+    /// Speed: forward / bf16 / training-step medians, GFLOP/s per component,
+    /// GEMM vs peak; with --against-pytorch the PyTorch reference side by side.
+    Bench(bench::BenchArgs),
     /// Parameter count and FLOPs per image, per component.
     Inspect {
         /// Release-format YAML config.
@@ -187,13 +172,7 @@ fn main() {
         }),
         Cmd::Sample(args) => sample::run(args),
         Cmd::Eval(args) => eval::run(args),
-        Cmd::Bench {
-            config,
-            batch,
-            keep,
-            iters,
-            threads,
-        } => bench::run(&config, batch, keep, iters, threads),
+        Cmd::Bench(args) => bench::run(args),
         Cmd::Inspect {
             config,
             weights,

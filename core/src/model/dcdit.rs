@@ -97,17 +97,20 @@ impl DcDit {
         let full_seg = uniform_segments(batch, l);
 
         // Embeddings and conditioning; SiLU(c) feeds every adaLN / cond projection.
+        cx.enter(Component::Embeddings);
         let h = self.x_embed.forward(cx, x, grid, Component::Embeddings)?;
         let c = self.cond.forward(cx, t, y)?;
         let silu_c = cx.b.unary(&c, Unary::Silu)?;
 
         // Encoder and residual branch.
+        cx.enter(Component::Encoder);
         let h = self
             .encoder
             .forward(cx, &h, grid, &silu_c, Component::Encoder)?;
         let r = self.residual.forward(cx, &h, Component::Encoder)?;
 
         // Router: scores on the device, hard decisions on the host (the one sync).
+        cx.enter(Component::Routing);
         let p_raw = self.router.forward(cx, &h, grid)?;
         let mut prob = cx.b.to_f32(&p_raw)?;
         if prob.iter().any(|v| !v.is_finite()) {
@@ -145,6 +148,7 @@ impl DcDit {
         let p = cx.b.binary(&p, &en, Binary::Add)?;
 
         // Chunk: kept tokens of every sample packed into one varlen sequence.
+        cx.enter(Component::Chunk);
         let mut seg = vec![0usize; batch + 1];
         let mut gather = Vec::new();
         let mut pos = Vec::new();
@@ -163,12 +167,14 @@ impl DcDit {
         let mut z = cx.b.binary(&hc, &pe, Binary::Add)?;
 
         // Main network on the packed kept tokens.
+        cx.enter(Component::MainNetwork);
         for blk in &self.blocks {
             z = blk.forward(cx, &z, &silu_c, &seg)?;
         }
         let z = self.main_norm.forward(cx, &z)?;
 
         // De-chunk: smoothing among kept tokens, then nearest plug-back.
+        cx.enter(Component::Dechunk);
         let pk = cx.b.gather_rows(&p, &gather)?;
         let lens = seg.windows(2).map(|w| w[1] - w[0]);
         cx.flops.add(
@@ -209,9 +215,11 @@ impl DcDit {
         let h = cx.b.binary(&hd, &r, Binary::Add)?;
 
         // Decoder and final layer.
+        cx.enter(Component::Decoder);
         let h = self
             .decoder
             .forward(cx, &h, grid, &silu_c, Component::Decoder)?;
+        cx.enter(Component::FinalLayer);
         let out = self.final_layer.forward(cx, &h, &silu_c, &full_seg)?;
         Ok((
             out,

@@ -25,7 +25,7 @@ pub mod router;
 use crate::backend::Backend;
 use crate::config::{Config, ModelKind, ModelSpec};
 use crate::error::{Error, Result};
-use crate::flops::FlopCount;
+use crate::flops::{Component, FlopCount};
 use crate::weights::TensorMap;
 use alloc::format;
 use alloc::vec;
@@ -41,6 +41,18 @@ pub struct Ctx<'a, B: Backend> {
     pub p: &'a Params<B>,
     /// FLOPs counted so far.
     pub flops: FlopCount,
+    /// Called when the forward enters a component (profiling; see
+    /// [`Model::forward_hooked`]).
+    pub on_component: Option<&'a mut (dyn FnMut(Component) + 'a)>,
+}
+
+impl<B: Backend> Ctx<'_, B> {
+    /// Marks the start of a component's work (a no-op without a hook).
+    pub fn enter(&mut self, c: Component) {
+        if let Some(f) = self.on_component.as_mut() {
+            f(c);
+        }
+    }
 }
 
 /// Elastic inference: which fraction of each sample's boundaries to drop.
@@ -155,6 +167,35 @@ impl<B: Backend> Model<B> {
         y: &[u32],
         tail: &TailDrop,
     ) -> Result<ForwardOutput<B>> {
+        self.forward_inner(backend, x, t, y, tail, None)
+    }
+
+    /// [`Model::forward`], calling `on_component(c)` each time the forward
+    /// enters component `c` (DC-DiT only; in forward order, each once). With a
+    /// synchronous backend (the CPU one) the time between two calls is the
+    /// time spent in the component; `dcdit-cli bench` uses it for its
+    /// per-component profile.
+    pub fn forward_hooked(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        t: &[f32],
+        y: &[u32],
+        tail: &TailDrop,
+        on_component: &mut dyn FnMut(Component),
+    ) -> Result<ForwardOutput<B>> {
+        self.forward_inner(backend, x, t, y, tail, Some(on_component))
+    }
+
+    fn forward_inner<'a>(
+        &'a self,
+        backend: &'a B,
+        x: &B::Tensor,
+        t: &[f32],
+        y: &[u32],
+        tail: &TailDrop,
+        on_component: Option<&'a mut (dyn FnMut(Component) + 'a)>,
+    ) -> Result<ForwardOutput<B>> {
         let s = &self.spec;
         let batch = t.len();
         if y.len() != batch {
@@ -183,6 +224,7 @@ impl<B: Backend> Model<B> {
             b: backend,
             p: &self.params,
             flops: FlopCount::default(),
+            on_component,
         };
         let (out, routing) = match &self.net {
             Network::DcDit(n) => {
