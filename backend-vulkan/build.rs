@@ -1,12 +1,22 @@
 //! Compiles `shaders/*.comp` (GLSL) to SPIR-V with `glslc` into `OUT_DIR`
 //! and writes `shaders.rs`, a table of `(name, bytes)` the crate embeds with
 //! `include_bytes!`. Shaders whose first line is `// variants: subgroup` are
-//! compiled twice: plain and with `-DSUBGROUP=1` (name suffix `_sg`).
+//! compiled twice: plain and with `-DSUBGROUP=1` (name suffix `_sg`); those whose
+//! first line is `// variants: hd` once per head-dim bound (`_h16` .. `_h128`).
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+fn hd_define(h: &str) -> &'static str {
+    match h {
+        "16" => "-DHDMAX=16",
+        "32" => "-DHDMAX=32",
+        "64" => "-DHDMAX=64",
+        _ => "-DHDMAX=128",
+    }
+}
 
 fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
@@ -38,6 +48,12 @@ fn main() {
         let mut variants = vec![(stem.clone(), Vec::<&str>::new())];
         if src.starts_with("// variants: subgroup") {
             variants.push((format!("{stem}_sg"), vec!["-DSUBGROUP=1"]));
+        }
+        if src.starts_with("// variants: hd") {
+            variants = ["16", "32", "64", "128"]
+                .iter()
+                .map(|h| (format!("{stem}_h{h}"), vec![hd_define(h)]))
+                .collect();
         }
         for (vname, defs) in variants {
             let spv = out.join(format!("{vname}.spv"));

@@ -1,3 +1,4 @@
+// variants: hd
 #version 450
 // Attention backward, pass over queries: dS_ij = P_ij (dO_i . v_j - D_i) with
 // P_ij = exp(s_ij - lse_i) recomputed per key tile; dq_i = scale sum_j dS_ij k_j.
@@ -22,32 +23,33 @@ void main() {
     uint hd = pc.hd, c3 = 3u * pc.d;
     float q[HDMAX], go[HDMAX], dq[HDMAX];
     float D = 0.0;
-    for (uint e = 0; e < hd; e++) {
-        q[e] = live ? qkv[row * c3 + h * hd + e] : 0.0;
-        go[e] = live ? g[row * pc.d + h * hd + e] : 0.0;
-        D += live ? go[e] * out_[row * pc.d + h * hd + e] : 0.0;
+    FOR_E {
+        bool ok = live && e < hd;
+        q[e] = ok ? qkv[row * c3 + h * hd + e] : 0.0;
+        go[e] = ok ? g[row * pc.d + h * hd + e] : 0.0;
+        D += ok ? go[e] * out_[row * pc.d + h * hd + e] : 0.0;
         dq[e] = 0.0;
     }
     float L = live ? lse[row * pc.heads + h] : 0.0;
     if (live) dd[row * pc.heads + h] = D;
     for (uint k0 = s0; k0 < s1; k0 += TILE) {
         uint nk = min(TILE, s1 - k0);
-        for (uint e = lid; e < nk * hd; e += BR) {
-            uint j = e / hd, f = e % hd;
-            Ks[j * HDMAX + f] = qkv[(k0 + j) * c3 + pc.d + h * hd + f];
-            Vs[j * HDMAX + f] = qkv[(k0 + j) * c3 + 2u * pc.d + h * hd + f];
+        [[unroll]] for (uint r = 0; r < TILE * HDMAX / BR; r++) {
+            uint e = lid + r * BR;
+            uint j = e / HDMAX, f = e % HDMAX;
+            bool ok = j < nk && f < hd;
+            Ks[e] = ok ? qkv[(k0 + j) * c3 + pc.d + h * hd + f] : 0.0;
+            Vs[e] = ok ? qkv[(k0 + j) * c3 + 2u * pc.d + h * hd + f] : 0.0;
         }
         barrier();
-        if (live) {
-            for (uint j = 0; j < nk; j++) {
-                float s = 0.0, dp = 0.0;
-                for (uint e = 0; e < hd; e++) { s += q[e] * Ks[j * HDMAX + e]; dp += go[e] * Vs[j * HDMAX + e]; }
-                float p = exp(s * pc.scale - L);
-                float ds = p * (dp - D);
-                for (uint e = 0; e < hd; e++) dq[e] += ds * Ks[j * HDMAX + e];
-            }
+        [[unroll]] for (uint j = 0; j < TILE; j++) {
+            float s = 0.0, dp = 0.0;
+            FOR_E { s += q[e] * Ks[j * HDMAX + e]; dp += go[e] * Vs[j * HDMAX + e]; }
+            float p = j < nk ? exp(s * pc.scale - L) : 0.0;
+            float ds = p * (dp - D);
+            FOR_E dq[e] += ds * Ks[j * HDMAX + e];
         }
         barrier();
     }
-    if (live) for (uint e = 0; e < hd; e++) dqkv[row * c3 + h * hd + e] = dq[e] * pc.scale;
+    if (live) FOR_E if (e < hd) dqkv[row * c3 + h * hd + e] = dq[e] * pc.scale;
 }

@@ -36,22 +36,44 @@ float wg_sum(float v) {
 #endif
 }
 
-float sigmoid_f(float x) { return 1.0 / (1.0 + exp(-x)); }
+// The CPU reference's exp (Cephes expf polynomial, same f32 operations in the
+// same order, `precise` so nothing is contracted into an fma): unary ops then
+// match the reference to the last bit instead of to the driver's exp accuracy.
+float exp_ref(float x) {
+    precise float xc = clamp(x, -87.33655, 88.37626);
+    precise float t = xc * 1.44269504088896 + 12582912.0;
+    precise float n = t - 12582912.0;
+    precise float r = (xc - n * 0.6933594) - n * -2.1219444e-4;
+    precise float y = 1.9875691e-4;
+    y = y * r + 1.3981999e-3;
+    y = y * r + 8.333452e-3;
+    y = y * r + 4.1665796e-2;
+    y = y * r + 0.16666665;
+    y = y * r + 0.5;
+    y = ((y * r) * r + r) + 1.0;
+    int ni = floatBitsToInt(t) - floatBitsToInt(12582912.0);
+    precise float pow2 = intBitsToFloat((ni + 127) << 23);
+    precise float res = y * pow2;
+    return x < -87.33655 ? 0.0 : res;
+}
+float sigmoid_f(float x) { precise float r = 1.0 / (1.0 + exp_ref(-x)); return r; }
 const float GELU_K = 0.7978846;
 float gelu_f(float x) {
-    float z = GELU_K * (x + 0.044715 * x * x * x);
-    float e = exp(2.0 * z);
-    return 0.5 * x * (2.0 - 2.0 / (e + 1.0));
+    precise float z = GELU_K * (x + ((0.044715 * x) * x) * x);
+    precise float e = exp_ref(2.0 * z);
+    precise float r = (0.5 * x) * (2.0 - 2.0 / (e + 1.0));
+    return r;
 }
 float unary_grad(uint op, float x) {
-    if (op == 0u) { float s = sigmoid_f(x); return s * (1.0 + x * (1.0 - s)); }
-    if (op == 2u) { float s = sigmoid_f(x); return s * (1.0 - s); }
-    float z = GELU_K * (x + 0.044715 * x * x * x);
-    float e = exp(2.0 * z);
-    float r = 2.0 / (e + 1.0);
-    float opt = 2.0 - r;
-    float sech2 = r * opt;
-    return 0.5 * opt + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * 0.044715 * x * x);
+    if (op == 0u) { float s = sigmoid_f(x); precise float r = s * (1.0 + x * (1.0 - s)); return r; }
+    if (op == 2u) { float s = sigmoid_f(x); precise float r = s * (1.0 - s); return r; }
+    precise float z = GELU_K * (x + ((0.044715 * x) * x) * x);
+    precise float e = exp_ref(2.0 * z);
+    precise float r = 2.0 / (e + 1.0);
+    precise float opt = 2.0 - r;
+    precise float sech2 = r * opt;
+    precise float res = 0.5 * opt + ((((0.5 * x) * sech2) * GELU_K) * (1.0 + ((3.0 * 0.044715) * x) * x));
+    return res;
 }
 
 // Sample owning packed row r: the last s with seg[s] <= r (segments in `segs`).

@@ -383,13 +383,13 @@ impl GradBackend for VulkanBackend {
             let push = [u(d), u(heads), u(hd), f(1.0 / (hd as f32).sqrt()), u(nblk)];
             let grid = [nblk as u32, heads as u32, 1];
             self.run(
-                "attn_bwd_dq",
+                crate::attn_kernel("attn_bwd_dq", hd),
                 &[&qkv.buf, &blk, &out, &g.buf, &lse, &dd, &dqkv],
                 &push,
                 grid,
             )?;
             self.run(
-                "attn_bwd_dkv",
+                crate::attn_kernel("attn_bwd_dkv", hd),
                 &[&qkv.buf, &blk, &g.buf, &lse, &dd, &dqkv],
                 &push,
                 grid,

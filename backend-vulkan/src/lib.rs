@@ -517,7 +517,7 @@ impl VulkanBackend {
         let hd = d / heads;
         if nblk > 0 && d > 0 {
             self.run(
-                "attention",
+                attn_kernel("attention", hd),
                 &[&qkv.buf, &blk, &out, &lse],
                 &[u(d), u(heads), u(hd), f(1.0 / (hd as f32).sqrt()), u(nblk)],
                 [nblk as u32, heads as u32, 1],
@@ -960,6 +960,21 @@ impl Backend for VulkanBackend {
             )?;
         }
         self.finish(out, &h.shape, h.dtype)
+    }
+}
+
+/// The head-dim variant of an attention kernel (the smallest bound >= `hd`).
+pub(crate) fn attn_kernel(base: &str, hd: usize) -> &'static str {
+    let i = match hd {
+        0..=16 => 0,
+        17..=32 => 1,
+        33..=64 => 2,
+        _ => 3,
+    };
+    match base {
+        "attention" => ["attention_h16", "attention_h32", "attention_h64", "attention_h128"][i],
+        "attn_bwd_dq" => ["attn_bwd_dq_h16", "attn_bwd_dq_h32", "attn_bwd_dq_h64", "attn_bwd_dq_h128"][i],
+        _ => ["attn_bwd_dkv_h16", "attn_bwd_dkv_h32", "attn_bwd_dkv_h64", "attn_bwd_dkv_h128"][i],
     }
 }
 
