@@ -1,14 +1,14 @@
 #version 450
 // Column reductions over the rows of each segment: out[s * ostride + ooff + j]
 // = sum over rows r of segment s of x[r, j] (mode 0) or x[r, j] * y[r, j]
-// (mode 1). Workgroup = 64 columns x 4 row lanes (coalesced along columns),
+// (mode 1), added to what is there with `accum` (blocks that coincide). Workgroup = 64 columns x 4 row lanes (coalesced along columns),
 // grid = (column blocks, segments); lanes combined in shared memory.
 layout(local_size_x = 64, local_size_y = 4) in;
 layout(std430, binding = 0) readonly buffer X { float x[]; };
 layout(std430, binding = 1) readonly buffer Y { float y[]; };
 layout(std430, binding = 2) readonly buffer Seg { uint seg[]; };
 layout(std430, binding = 3) buffer O { float o[]; };
-layout(push_constant) uniform PC { uint c; uint mode; uint ostride; uint ooff; } pc;
+layout(push_constant) uniform PC { uint c; uint mode; uint ostride; uint ooff; uint accum; } pc;
 shared float part[4][64];
 
 void main() {
@@ -29,6 +29,7 @@ void main() {
     if (lane == 0u && j < pc.c) {
         float t = (part[0][gl_LocalInvocationID.x] + part[1][gl_LocalInvocationID.x])
             + (part[2][gl_LocalInvocationID.x] + part[3][gl_LocalInvocationID.x]);
-        o[s * pc.ostride + pc.ooff + j] = t;
+        uint oi = s * pc.ostride + pc.ooff + j;
+        o[oi] = pc.accum != 0u ? o[oi] + t : t;
     }
 }

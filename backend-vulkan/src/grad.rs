@@ -45,6 +45,7 @@ impl VulkanBackend {
         out: &Arc<Buffer>,
         ostride: usize,
         ooff: usize,
+        accum: bool,
     ) -> Result<()> {
         if c == 0 || nseg == 0 {
             return Ok(());
@@ -52,7 +53,7 @@ impl VulkanBackend {
         self.run(
             "colred",
             &[x, y.unwrap_or(self.dummy()), seg_buf, out],
-            &[u(c), y.is_some() as u32, u(ostride), u(ooff)],
+            &[u(c), y.is_some() as u32, u(ostride), u(ooff), accum as u32],
             [c.div_ceil(64) as u32, nseg as u32, 1],
         )
     }
@@ -64,7 +65,7 @@ impl VulkanBackend {
             return Ok(z.buf);
         }
         let sb = self.seg_buf(&[0, rows])?;
-        self.colred(x, y, &sb, 1, c, &out, c, 0)?;
+        self.colred(x, y, &sb, 1, c, &out, c, 0, false)?;
         Ok(out)
     }
 
@@ -113,7 +114,7 @@ impl GradBackend for VulkanBackend {
         let s = check_segments("segment_sum", seg, rows)?;
         let out = self.full_f32(&[s, c], 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
-        self.colred(&x.buf, None, &sb, s, c, &out, c, 0)?;
+        self.colred(&x.buf, None, &sb, s, c, &out, c, 0, false)?;
         self.wrap(out, &[s, c], x)
     }
 
@@ -336,8 +337,8 @@ impl GradBackend for VulkanBackend {
         let s = seg.len() - 1;
         let dada = self.full_f32(&ada.shape, 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
-        self.colred(&g.buf, None, &sb, s, c, &dada, vc, shift_at * c)?;
-        self.colred(&g.buf, Some(&x.buf), &sb, s, c, &dada, vc, scale_at * c)?;
+        self.colred(&g.buf, None, &sb, s, c, &dada, vc, shift_at * c, false)?;
+        self.colred(&g.buf, Some(&x.buf), &sb, s, c, &dada, vc, scale_at * c, shift_at == scale_at)?;
         Ok((
             VkTensor { dtype: x.dtype, ..dx },
             self.wrap(dada, &ada.shape, ada)?,
@@ -359,7 +360,7 @@ impl GradBackend for VulkanBackend {
         let s = seg.len() - 1;
         let dada = self.full_f32(&ada.shape, 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
-        self.colred(&g.buf, Some(&y.buf), &sb, s, c, &dada, vc, gate_at * c)?;
+        self.colred(&g.buf, Some(&y.buf), &sb, s, c, &dada, vc, gate_at * c, false)?;
         Ok((
             VkTensor { dtype: y.dtype, ..dy },
             self.wrap(dada, &ada.shape, ada)?,

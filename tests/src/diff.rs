@@ -269,12 +269,22 @@ pub enum Op {
 ///   (`exp(s - lse)` instead of `exp(s - m) / l`), a few ulps per term summed
 ///   over up to 4096 keys; the smoothing backward differences two sums of
 ///   `M` terms (`g.h - gamma`).
+/// * 3e-5 for the unary gradients: `2 / (e + 1)` and `r (2 - r)` in the
+///   tanh-GELU and sigmoid derivatives, where Vulkan's division may be off by
+///   2.5 ulp (not correctly rounded) and `1 - tanh^2` amplifies it.
+/// * 4e-3 for `cast` followed by an op in 16-bit storage: a one-ulp f32
+///   difference before rounding can move the result by one bf16 ulp (2^-8).
+/// * The smoothing backward's `dp` is a difference of nearly equal sums when
+///   a sample's kept tokens are far apart (`g.h - gamma`, gamma ~ g.h): its
+///   error is judged against `|g| |h|` (up to ~40 here: c channels of N(0,1)) through an
+///   absolute floor of 10 in the denominator (see [`abs_floor`]).
 pub fn tolerance(op: Op) -> (f32, f32) {
     use Op::*;
     match op {
+        UnaryBackward(_) => (3e-5, 1e-3),
+        Cast => (4e-3, 1e-3),
         Unary(_) | Binary(_) | Affine | ScaleRows | Ste | AddSegment | Modulate | GatedAdd
-        | GatherRows | Cast | Reshape | Full | UnaryBackward(_) | AdamWStep | EmaUpdate
-        | ScatterAddRows => (1e-5, 1e-3),
+        | GatherRows | Reshape | Full | AdamWStep | EmaUpdate | ScatterAddRows => (1e-5, 1e-3),
         GroupNorm | LayerNorm | RmsNorm | L2Normalize | RowSum | ColSum | SegmentSum
         | SumSquares | DepthwiseConv3x3 | DepthwiseBackward | GroupNormBackward
         | LayerNormBackward | RmsNormBackward | L2NormalizeBackward | ModulateBackward
@@ -284,9 +294,27 @@ pub fn tolerance(op: Op) -> (f32, f32) {
     }
 }
 
+/// Absolute floor added to the denominator of the metric for output `i` of
+/// `op` (0 except the smoothing backward's `dp`, see [`tolerance`]).
+pub fn abs_floor(op: Op, i: usize) -> f32 {
+    match (op, i) {
+        (Op::DechunkSmoothBackward, 1) => 10.0,
+        // With 1-3 channels the LayerNorm gradient is a cancellation of
+        // O(|g| / std) terms (exactly 0 for 2 channels): judged against
+        // |g| / std ~ 0.5 here.
+        (Op::LayerNormBackward, 0) => 0.1,
+        _ => 0.0,
+    }
+}
+
 /// The error of `got` against `want` under the metric of the module docs;
 /// `Err` on a length or finiteness mismatch.
 pub fn rel_error(got: &[f32], want: &[f32], floor: f32) -> Result<f32, String> {
+    rel_error_abs(got, want, floor, 0.0)
+}
+
+/// [`rel_error`] with an absolute floor `abs` added to each denominator.
+pub fn rel_error_abs(got: &[f32], want: &[f32], floor: f32, abs: f32) -> Result<f32, String> {
     if got.len() != want.len() {
         return Err(format!("length {} vs {}", got.len(), want.len()));
     }
@@ -299,7 +327,7 @@ pub fn rel_error(got: &[f32], want: &[f32], floor: f32) -> Result<f32, String> {
         if !b.is_finite() {
             continue;
         }
-        let den = b.abs() + floor * scale;
+        let den = b.abs() + floor * scale + abs;
         let e = if den > 0.0 { (a - b).abs() / den } else { (a - b).abs() };
         worst = worst.max(e);
     }
@@ -507,7 +535,7 @@ pub fn check_op<B: GradBackend>(dev: &B, op: Op, case: &Case) -> Result<f32, Str
         if gs != ws {
             return Err(format!("{op:?} output {i}: shape {gs:?} vs {ws:?}"));
         }
-        let e = rel_error(g, w, floor).map_err(|e| format!("{op:?} output {i}: {e}"))?;
+        let e = rel_error_abs(g, w, floor, abs_floor(op, i)).map_err(|e| format!("{op:?} output {i}: {e}"))?;
         if e > tol {
             return Err(format!("{op:?} output {i}: error {e:.3e} > {tol:.0e}"));
         }
