@@ -4,16 +4,15 @@
 //! classifier features of the samples and of the held-out real digits.
 
 use crate::sample::{draw, labels_of, load_model, options, SampleArgs};
-use crate::util::cpu;
 use anyhow::{bail, Result};
 use dcdit_data::classifier::{frechet_distance, Classifier};
 use dcdit_data::mnist::Mnist;
 
 /// Share of kept tokens on stroke pixels (> 0.5 in [-1, 1]) and on background
 /// pixels (< -0.9) of the held-out digits noised to timestep `t`.
-fn kept_on_strokes(
-    backend: &dcdit_backend_cpu::CpuBackend,
-    model: &dcdit_core::model::Model<dcdit_backend_cpu::CpuBackend>,
+fn kept_on_strokes<B: dcdit_core::Backend>(
+    backend: &B,
+    model: &dcdit_core::model::Model<B>,
     mnist: &Mnist,
     t: usize,
 ) -> Result<(f64, f64)> {
@@ -49,7 +48,8 @@ fn kept_on_strokes(
 
 /// Runs the command.
 pub fn run(args: SampleArgs) -> Result<()> {
-    let backend = cpu(args.threads)?;
+    crate::with_backend!(args.dev, backend, {
+    
     let model = load_model(&args.ckpt, args.config.as_deref(), &backend)?;
     let s = &model.spec;
     if (s.in_channels, s.height, s.width, s.num_classes) != (1, 28, 28, 10) {
@@ -105,4 +105,5 @@ pub fn run(args: SampleArgs) -> Result<()> {
         );
     }
     Ok(())
+    })
 }

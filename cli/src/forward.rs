@@ -1,6 +1,6 @@
 //! `dcdit-cli forward`: one forward pass on a safetensors input.
 
-use crate::util::{cpu, parse_fractions, read_config, read_tensors, write_atomic};
+use crate::util::{parse_fractions, read_config, read_tensors, write_atomic};
 use anyhow::{bail, Context, Result};
 use dcdit_core::model::{Model, TailDrop};
 use dcdit_core::weights::{HostTensor, TensorMap};
@@ -35,13 +35,14 @@ pub fn run(
     input: &Path,
     out: &Path,
     tail: &str,
-    threads: Option<usize>,
+    dev: crate::util::Dev,
 ) -> Result<()> {
     let cfg = read_config(config)?;
     let spec = cfg.model_spec()?;
     let w = read_tensors(weights)?;
     let inp = read_tensors(input)?;
-    let backend = cpu(threads)?;
+    crate::with_backend!(dev, backend, {
+    
     let model = Model::load(&backend, &cfg, &w)
         .with_context(|| format!("weights {}", weights.display()))?;
     let get = |k: &str| {
@@ -94,4 +95,5 @@ pub fn run(
         );
     }
     write_atomic(out, &m.to_safetensors(None)?)
+    })
 }

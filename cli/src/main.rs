@@ -17,7 +17,7 @@ mod sample;
 mod train;
 mod util;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -31,12 +31,6 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// Compute backends.
-#[derive(Clone, Copy, ValueEnum, Debug)]
-enum BackendKind {
-    /// Multi-threaded CPU backend.
-    Cpu,
-}
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -57,12 +51,9 @@ enum Cmd {
         /// Tail-drop fraction, or one per sample (comma separated).
         #[arg(long, default_value = "0")]
         tail_drop: String,
-        /// Compute backend.
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendKind,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// Backend, device and CPU threads.
+        #[command(flatten)]
+        dev: util::Dev,
     },
     /// Loss terms and gradients of one batch (x, t, y, noise): writes loss, mse, vb, ratio, grad.KEY.
     Grad {
@@ -81,12 +72,9 @@ enum Cmd {
         /// Tail-drop fraction, or one per sample.
         #[arg(long, default_value = "0")]
         tail_drop: String,
-        /// Compute backend.
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendKind,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// Backend, device and CPU threads.
+        #[command(flatten)]
+        dev: util::Dev,
     },
     /// Trains a config; checkpoints, log.txt and config.yaml go to the run directory.
     Train {
@@ -105,12 +93,9 @@ enum Cmd {
         /// Log lines instead of a progress bar.
         #[arg(long)]
         quiet: bool,
-        /// Compute backend.
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendKind,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// Backend, device and CPU threads.
+        #[command(flatten)]
+        dev: util::Dev,
     },
     /// Samples a class-conditional grid: sample.png, chunking_viz.png, compression.png.
     Sample(sample::SampleArgs),
@@ -134,6 +119,8 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Lists the Vulkan devices (index for `--device`, name, type, API, subgroups).
+    Devices,
     /// Parameter count and FLOPs per image, per component.
     Inspect {
         /// Release-format YAML config.
@@ -148,6 +135,27 @@ enum Cmd {
     },
 }
 
+/// Prints the Vulkan devices; an error when there is no Vulkan loader.
+fn devices() -> anyhow::Result<()> {
+    let list = dcdit_backend_vulkan::devices()?;
+    if list.is_empty() {
+        println!("no Vulkan device (the loader found none; install a driver, e.g. mesa-vulkan-drivers)");
+    }
+    for d in list {
+        println!(
+            "{}: {} ({}, Vulkan {}, subgroup size {}{}){}",
+            d.index,
+            d.name,
+            d.kind,
+            d.api,
+            d.subgroup_size,
+            if d.subgroup_arithmetic { ", subgroup arithmetic" } else { "" },
+            d.unusable.map(|w| format!(" UNUSABLE: {w}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -157,32 +165,29 @@ fn main() {
             input,
             out,
             tail_drop,
-            backend: BackendKind::Cpu,
-            threads,
-        } => forward::run(&config, &weights, &input, &out, &tail_drop, threads),
+            dev,
+        } => forward::run(&config, &weights, &input, &out, &tail_drop, dev),
         Cmd::Grad {
             config,
             weights,
             batch,
             out,
             tail_drop,
-            backend: BackendKind::Cpu,
-            threads,
-        } => grad::run(&config, &weights, &batch, &out, &tail_drop, threads),
+            dev,
+        } => grad::run(&config, &weights, &batch, &out, &tail_drop, dev),
         Cmd::Train {
             config,
             out,
             resume,
             steps,
             quiet,
-            backend: BackendKind::Cpu,
-            threads,
+            dev,
         } => train::run(train::TrainArgs {
             config,
             out,
             resume,
             steps,
-            threads,
+            dev,
             quiet,
         }),
         Cmd::Sample(args) => sample::run(args),
@@ -194,6 +199,7 @@ fn main() {
             iters,
             threads,
         } => bench::run(&config, batch, keep, iters, threads),
+        Cmd::Devices => devices(),
         Cmd::Inspect {
             config,
             weights,

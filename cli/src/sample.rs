@@ -2,9 +2,9 @@
 //! writes `sample.png`, `chunking_viz.png` and `compression.png`, with a
 //! per-step table of compression, time and FLOPs.
 
-use crate::util::{cpu, read_tensors};
+use crate::util::read_tensors;
 use anyhow::{bail, Context, Result};
-use dcdit_backend_cpu::CpuBackend;
+use dcdit_core::Backend;
 use dcdit_core::config::Config;
 use dcdit_core::model::Model;
 use dcdit_core::sample::{sample, Guide, Method, SampleOptions, StepInfo};
@@ -60,17 +60,17 @@ pub struct SampleArgs {
     /// Output directory.
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
-    /// CPU threads.
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Backend, device and CPU threads.
+    #[command(flatten)]
+    pub dev: crate::util::Dev,
 }
 
 /// Loads the model of a checkpoint (EMA weights when it is a training checkpoint).
-pub fn load_model(
+pub fn load_model<B: Backend>(
     ckpt: &Path,
     config: Option<&Path>,
-    backend: &CpuBackend,
-) -> Result<Model<CpuBackend>> {
+    backend: &B,
+) -> Result<Model<B>> {
     let map = read_tensors(ckpt)?;
     let cfg = match config {
         Some(c) => crate::util::read_config(c)?,
@@ -138,9 +138,9 @@ pub fn viz_steps(steps: usize) -> Vec<usize> {
 }
 
 /// Draws the samples and returns them (NCHW) with the per-step records.
-pub fn draw(
-    backend: &CpuBackend,
-    model: &Model<CpuBackend>,
+pub fn draw<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
     labels: &[u32],
     opts: &SampleOptions,
 ) -> Result<(Vec<f32>, Vec<StepInfo>, Vec<f64>)> {
@@ -161,7 +161,8 @@ pub fn draw(
 
 /// Runs the command.
 pub fn run(args: SampleArgs) -> Result<()> {
-    let backend = cpu(args.threads)?;
+    crate::with_backend!(args.dev, backend, {
+    
     let model = load_model(&args.ckpt, args.config.as_deref(), &backend)?;
     let s = model.spec.clone();
     let labels = labels_of(&args, s.num_classes)?;
@@ -269,4 +270,5 @@ pub fn run(args: SampleArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
+    })
 }

@@ -1,10 +1,9 @@
 //! `dcdit-cli train`: trains a config end to end with a progress bar, a log
 //! file and atomic checkpoints; `--resume` continues bit for bit.
 
-use crate::util::{cpu, read_config, read_tensors, write_atomic};
+use crate::util::{read_config, read_tensors, write_atomic};
 use anyhow::{bail, Context, Result};
 use dcdit_autodiff::Autodiff;
-use dcdit_backend_cpu::CpuBackend;
 use dcdit_core::config::Config;
 use dcdit_core::model::{self, init::init_weights};
 use dcdit_core::train::{TrainOptions, Trainer};
@@ -30,8 +29,8 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     /// Override `training.steps`.
     pub steps: Option<u64>,
-    /// CPU threads.
-    pub threads: Option<usize>,
+    /// Backend, device and CPU threads.
+    pub dev: crate::util::Dev,
     /// No progress bar (log lines only).
     pub quiet: bool,
 }
@@ -129,7 +128,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     remove_stale_temporaries(&dir);
-    let ad = Autodiff::new(cpu(args.threads)?);
+    crate::with_backend!(args.dev, backend, {
+    let ad = Autodiff::new(backend);
     let (_, reg) = model::build(&spec);
     let init = init_weights(&spec, &reg, cfg.training.seed)?;
     let mut trainer = Trainer::new(ad, &cfg, &init, opts)?;
@@ -200,6 +200,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         dir.join(LATEST).display()
     );
     Ok(())
+    })
 }
 
 /// Removes the temporary files of a run killed while writing a checkpoint
@@ -215,7 +216,7 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
-fn save(trainer: &Trainer<Autodiff<CpuBackend>>, dir: &Path) -> Result<()> {
+fn save<B: dcdit_core::GradBackend>(trainer: &Trainer<Autodiff<B>>, dir: &Path) -> Result<()> {
     let ckpt = trainer.checkpoint()?;
     write_atomic(&dir.join(LATEST), &ckpt.to_safetensors(None)?)?;
     let mut ema = dcdit_core::train::sampling_weights(&ckpt);
