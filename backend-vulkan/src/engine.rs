@@ -122,9 +122,9 @@ fn describe(instance: &ash::Instance, pds: &[vk::PhysicalDevice]) -> Vec<PhysInf
                 ));
             }
             let subgroup_arithmetic = sg.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
-                && sg
-                    .supported_operations
-                    .contains(vk::SubgroupFeatureFlags::ARITHMETIC | vk::SubgroupFeatureFlags::BASIC)
+                && sg.supported_operations.contains(
+                    vk::SubgroupFeatureFlags::ARITHMETIC | vk::SubgroupFeatureFlags::BASIC,
+                )
                 && sg.subgroup_size >= 4;
             PhysInfo {
                 pd,
@@ -151,7 +151,12 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
     // SAFETY: instance is valid.
     let pds = unsafe { instance.enumerate_physical_devices() };
     let out = pds
-        .map(|pds| describe(&instance, &pds).into_iter().map(|p| p.info).collect())
+        .map(|pds| {
+            describe(&instance, &pds)
+                .into_iter()
+                .map(|p| p.info)
+                .collect()
+        })
         .map_err(vkerr("cannot enumerate devices"));
     // SAFETY: nothing created from the instance remains.
     unsafe { instance.destroy_instance(None) };
@@ -249,7 +254,9 @@ impl Device {
                 self.memory_type(req.memory_type_bits, hv)
             } else {
                 self.memory_type(req.memory_type_bits, vk::MemoryPropertyFlags::DEVICE_LOCAL)
-                    .or_else(|| self.memory_type(req.memory_type_bits, vk::MemoryPropertyFlags::empty()))
+                    .or_else(|| {
+                        self.memory_type(req.memory_type_bits, vk::MemoryPropertyFlags::empty())
+                    })
             };
             let Some(ty) = ty else {
                 self.dev.destroy_buffer(buf, None);
@@ -368,7 +375,7 @@ impl Drop for Ctx {
         unsafe {
             let _ = dev.dev.device_wait_idle();
             let mut all: Vec<Batch> = st.inflight.drain(..).collect();
-            all.extend(st.spare.drain(..));
+            all.append(&mut st.spare);
             all.extend(st.cur.take());
             for b in all {
                 dev.dev.destroy_descriptor_pool(b.dpool, None);
@@ -398,7 +405,9 @@ impl Ctx {
             Err(e) => {
                 // SAFETY: nothing else was created.
                 unsafe { instance.destroy_instance(None) };
-                return Err(Error::backend(format!("vulkan: cannot enumerate devices: {e:?}")));
+                return Err(Error::backend(format!(
+                    "vulkan: cannot enumerate devices: {e:?}"
+                )));
             }
         };
         let infos = describe(&instance, &pds);
@@ -450,7 +459,11 @@ impl Ctx {
                 .contains(vk::MemoryPropertyFlags::DEVICE_LOCAL)
         });
         let direct_map = std::env::var("DCDIT_VK_STAGING").map_or(true, |v| v != "1")
-            && first_local.is_some_and(|i| mem_props.memory_types[i as usize].property_flags.contains(hv));
+            && first_local.is_some_and(|i| {
+                mem_props.memory_types[i as usize]
+                    .property_flags
+                    .contains(hv)
+            });
         let info = p.info.clone();
         let subgroup = info.subgroup_arithmetic
             && std::env::var("DCDIT_VK_NO_SUBGROUP").map_or(true, |v| v != "1");
@@ -749,7 +762,8 @@ impl Ctx {
                     &[],
                     &[],
                 );
-                dev.end_command_buffer(b.cmd).map_err(vkerr("end command buffer"))?;
+                dev.end_command_buffer(b.cmd)
+                    .map_err(vkerr("end command buffer"))?;
                 let cmds = [b.cmd];
                 let si = vk::SubmitInfo::default().command_buffers(&cmds);
                 dev.queue_submit(self.dev.queue, &[si], b.fence)
@@ -919,4 +933,3 @@ impl Ctx {
         format!("vulkan:{} ({}, {})", i.index, i.name, i.kind)
     }
 }
-

@@ -58,7 +58,13 @@ impl VulkanBackend {
         )
     }
 
-    fn col_sum_buf(&self, x: &Arc<Buffer>, y: Option<&Arc<Buffer>>, rows: usize, c: usize) -> Result<Arc<Buffer>> {
+    fn col_sum_buf(
+        &self,
+        x: &Arc<Buffer>,
+        y: Option<&Arc<Buffer>>,
+        rows: usize,
+        c: usize,
+    ) -> Result<Arc<Buffer>> {
         let out = self.out(c)?;
         if rows == 0 {
             let z = self.full_f32(&[c], 0.0)?;
@@ -82,8 +88,16 @@ impl GradBackend for VulkanBackend {
                 a.shape, b.shape
             )));
         }
-        let (m, k) = if ta { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
-        let (k2, n) = if tb { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
+        let (m, k) = if ta {
+            (a.shape[1], a.shape[0])
+        } else {
+            (a.shape[0], a.shape[1])
+        };
+        let (k2, n) = if tb {
+            (b.shape[1], b.shape[0])
+        } else {
+            (b.shape[0], b.shape[1])
+        };
         if k != k2 {
             return Err(Error::input(format!(
                 "matmul: inner dimensions differ: {:?}{} x {:?}{}",
@@ -157,7 +171,15 @@ impl GradBackend for VulkanBackend {
             self.run(
                 "convaux",
                 &[&w.buf, &wf],
-                &[u(wn), 1, u(grid.height), u(grid.width), u(cin), u(k), u(cout)],
+                &[
+                    u(wn),
+                    1,
+                    u(grid.height),
+                    u(grid.width),
+                    u(cin),
+                    u(k),
+                    u(cout),
+                ],
                 groups1(wn),
             )?;
         }
@@ -173,7 +195,15 @@ impl GradBackend for VulkanBackend {
             self.run(
                 "convaux",
                 &[&x.buf, &cols],
-                &[u(cn), 0, u(grid.height), u(grid.width), u(cin), u(k), u(cout)],
+                &[
+                    u(cn),
+                    0,
+                    u(grid.height),
+                    u(grid.width),
+                    u(cin),
+                    u(k),
+                    u(cout),
+                ],
                 groups1(cn),
             )?;
             self.gemm(&g.buf, (1, cout), &cols, (kk, 1), None, cout, kk, rows)?
@@ -338,9 +368,22 @@ impl GradBackend for VulkanBackend {
         let dada = self.full_f32(&ada.shape, 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
         self.colred(&g.buf, None, &sb, s, c, &dada, vc, shift_at * c, false)?;
-        self.colred(&g.buf, Some(&x.buf), &sb, s, c, &dada, vc, scale_at * c, shift_at == scale_at)?;
+        self.colred(
+            &g.buf,
+            Some(&x.buf),
+            &sb,
+            s,
+            c,
+            &dada,
+            vc,
+            scale_at * c,
+            shift_at == scale_at,
+        )?;
         Ok((
-            VkTensor { dtype: x.dtype, ..dx },
+            VkTensor {
+                dtype: x.dtype,
+                ..dx
+            },
             self.wrap(dada, &ada.shape, ada)?,
         ))
     }
@@ -360,9 +403,22 @@ impl GradBackend for VulkanBackend {
         let s = seg.len() - 1;
         let dada = self.full_f32(&ada.shape, 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
-        self.colred(&g.buf, Some(&y.buf), &sb, s, c, &dada, vc, gate_at * c, false)?;
+        self.colred(
+            &g.buf,
+            Some(&y.buf),
+            &sb,
+            s,
+            c,
+            &dada,
+            vc,
+            gate_at * c,
+            false,
+        )?;
         Ok((
-            VkTensor { dtype: y.dtype, ..dy },
+            VkTensor {
+                dtype: y.dtype,
+                ..dy
+            },
             self.wrap(dada, &ada.shape, ada)?,
         ))
     }
@@ -434,10 +490,20 @@ impl GradBackend for VulkanBackend {
             };
             let b1 = bufs(self.dummy(), self.dummy());
             let r1: Vec<&Arc<Buffer>> = b1.iter().collect();
-            self.run("dechunk", &r1, &dechunk_push(t, d, width, tablen, seg.len(), 1), groups_rows(t))?;
+            self.run(
+                "dechunk",
+                &r1,
+                &dechunk_push(t, d, width, tablen, seg.len(), 1),
+                groups_rows(t),
+            )?;
             let b2 = bufs(&dh, &dp);
             let r2: Vec<&Arc<Buffer>> = b2.iter().collect();
-            self.run("dechunk", &r2, &dechunk_push(t, d, width, tablen, seg.len(), 2), groups_rows(t))?;
+            self.run(
+                "dechunk",
+                &r2,
+                &dechunk_push(t, d, width, tablen, seg.len(), 2),
+                groups_rows(t),
+            )?;
         }
         Ok((self.wrap(dh, &h.shape, h)?, self.wrap(dp, &p.shape, p)?))
     }
@@ -496,7 +562,15 @@ impl GradBackend for VulkanBackend {
     fn ema_update(&self, ema: &VkTensor, param: &VkTensor, decay: f32) -> Result<VkTensor> {
         check_same("ema_update", "ema", ema, "param", param)?;
         let alpha = (1.0 - decay as f64) as f32;
-        self.ew(ema, Some(param), Ew::Ema as u32, 1, decay, alpha, &ema.shape)
+        self.ew(
+            ema,
+            Some(param),
+            Ew::Ema as u32,
+            1,
+            decay,
+            alpha,
+            &ema.shape,
+        )
     }
 }
 

@@ -15,7 +15,7 @@
 //!   them, the de-chunk smoothing and its backward, AdamW.
 //! * Tensors ([`VkTensor`]) are an `Arc`'d pooled device buffer, a shape and a
 //!   dtype. Ops record dispatches into a batched command buffer; only
-//!   [`Backend::to_f32`] (and [`GradBackend::sum_squares`]) wait for the device.
+//!   [`Backend::to_f32`] (and [`dcdit_core::GradBackend::sum_squares`]) wait for the device.
 //! * Storage is f32 on the device; f16/bf16 tensors are emulated: every
 //!   result of an op whose first input is f16/bf16 is rounded to that
 //!   precision in place (so values match the CPU backend's 16-bit storage),
@@ -43,8 +43,8 @@ use std::sync::Arc;
 use dcdit_core::backend::{Backend, Binary, DType, Grid, Segments, Unary};
 use dcdit_core::{Error, Result};
 
-use engine::{Buffer, Ctx};
 pub use engine::{devices, DeviceInfo};
+use engine::{Buffer, Ctx};
 
 /// The Vulkan backend: a handle to one device's engine (cheap to clone;
 /// clones share the device, pipelines, buffer pool and command stream).
@@ -259,7 +259,12 @@ pub(crate) fn check_dechunk_args(
     Ok((t, d))
 }
 
-pub(crate) fn check_attention(op: &str, qkv: &VkTensor, heads: usize, seg: Segments) -> Result<(usize, usize)> {
+pub(crate) fn check_attention(
+    op: &str,
+    qkv: &VkTensor,
+    heads: usize,
+    seg: Segments,
+) -> Result<(usize, usize)> {
     let (t, c3) = qkv.dims2();
     check_segments(op, seg, t)?;
     if c3 % 3 != 0 {
@@ -346,7 +351,12 @@ impl VulkanBackend {
 
     /// Wraps a result buffer as a tensor, rounding it to `dtype` on the
     /// device when that is a 16-bit type.
-    pub(crate) fn finish(&self, buf: Arc<Buffer>, shape: &[usize], dtype: DType) -> Result<VkTensor> {
+    pub(crate) fn finish(
+        &self,
+        buf: Arc<Buffer>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<VkTensor> {
         let n: usize = shape.iter().product();
         let mode = match dtype {
             DType::F32 => None,
@@ -371,6 +381,7 @@ impl VulkanBackend {
     }
 
     /// Element-wise kernel over `a` (and `b`), result in `a`'s dtype and `shape`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn ew(
         &self,
         a: &VkTensor,
@@ -510,7 +521,7 @@ impl VulkanBackend {
         seg: &[usize],
         t: usize,
         d: usize,
-    ) -> Result<(Arc<Buffer>, Arc<Buffer>, Arc<Buffer>, usize)> {
+    ) -> Result<AttnRaw> {
         let out = self.out(t * d)?;
         let lse = self.out(t * heads)?;
         let (blk, nblk) = self.attn_blocks(seg)?;
@@ -751,7 +762,14 @@ impl Backend for VulkanBackend {
         if rows * c > 0 {
             self.run(
                 "groupnorm",
-                &[&x.buf, self.dummy(), &gamma.buf, &beta.buf, &out, self.dummy()],
+                &[
+                    &x.buf,
+                    self.dummy(),
+                    &gamma.buf,
+                    &beta.buf,
+                    &out,
+                    self.dummy(),
+                ],
                 &[u(grid.len()), u(c), u(groups), f(eps), 0],
                 [(grid.batch * groups) as u32, 1, 1],
             )?;
@@ -954,7 +972,16 @@ impl Backend for VulkanBackend {
             let (ub, tab, tablen) = self.dechunk_inputs(pos, width, sigma, seg)?;
             self.run(
                 "dechunk",
-                &[&h.buf, &p.buf, &ub, &tab, self.dummy(), self.dummy(), &out, self.dummy()],
+                &[
+                    &h.buf,
+                    &p.buf,
+                    &ub,
+                    &tab,
+                    self.dummy(),
+                    self.dummy(),
+                    &out,
+                    self.dummy(),
+                ],
                 &dechunk_push(t, d, width, tablen, seg.len(), 0),
                 groups_rows(t),
             )?;
@@ -962,6 +989,9 @@ impl Backend for VulkanBackend {
         self.finish(out, &h.shape, h.dtype)
     }
 }
+
+/// Attention forward buffers: `(out, lse, blocks, block count)`.
+pub(crate) type AttnRaw = (Arc<Buffer>, Arc<Buffer>, Arc<Buffer>, usize);
 
 /// The head-dim variant of an attention kernel (the smallest bound >= `hd`).
 pub(crate) fn attn_kernel(base: &str, hd: usize) -> &'static str {
@@ -972,13 +1002,35 @@ pub(crate) fn attn_kernel(base: &str, hd: usize) -> &'static str {
         _ => 3,
     };
     match base {
-        "attention" => ["attention_h16", "attention_h32", "attention_h64", "attention_h128"][i],
-        "attn_bwd_dq" => ["attn_bwd_dq_h16", "attn_bwd_dq_h32", "attn_bwd_dq_h64", "attn_bwd_dq_h128"][i],
-        _ => ["attn_bwd_dkv_h16", "attn_bwd_dkv_h32", "attn_bwd_dkv_h64", "attn_bwd_dkv_h128"][i],
+        "attention" => [
+            "attention_h16",
+            "attention_h32",
+            "attention_h64",
+            "attention_h128",
+        ][i],
+        "attn_bwd_dq" => [
+            "attn_bwd_dq_h16",
+            "attn_bwd_dq_h32",
+            "attn_bwd_dq_h64",
+            "attn_bwd_dq_h128",
+        ][i],
+        _ => [
+            "attn_bwd_dkv_h16",
+            "attn_bwd_dkv_h32",
+            "attn_bwd_dkv_h64",
+            "attn_bwd_dkv_h128",
+        ][i],
     }
 }
 
-pub(crate) fn dechunk_push(t: usize, d: usize, width: usize, tablen: usize, nseg1: usize, mode: u32) -> [u32; 8] {
+pub(crate) fn dechunk_push(
+    t: usize,
+    d: usize,
+    width: usize,
+    tablen: usize,
+    nseg1: usize,
+    mode: u32,
+) -> [u32; 8] {
     [
         u(t),
         u(d),
@@ -1012,7 +1064,11 @@ impl VulkanBackend {
                 )?;
             }
         }
-        let shape = if mode == 3 { vec![rows, 1] } else { x.shape.clone() };
+        let shape = if mode == 3 {
+            vec![rows, 1]
+        } else {
+            x.shape.clone()
+        };
         self.finish(out, &shape, x.dtype)
     }
 
@@ -1035,7 +1091,13 @@ impl VulkanBackend {
             let sb = self.seg_buf(seg)?;
             self.run(
                 "segbcast",
-                &[&x.buf, y.map_or(self.dummy(), |y| &y.buf), &ada.buf, &sb, &out],
+                &[
+                    &x.buf,
+                    y.map_or(self.dummy(), |y| &y.buf),
+                    &ada.buf,
+                    &sb,
+                    &out,
+                ],
                 &[u(n), u(c), u(vc), u(seg.len()), mode, u(at0), u(at1)],
                 groups1(n),
             )?;

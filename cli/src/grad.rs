@@ -45,21 +45,21 @@ pub fn run(
         noise: noise.data.clone(),
     };
     crate::with_backend!(dev, backend, {
-    let ad = Autodiff::new(backend);
-    let (terms, mut grads) = batch_gradients(&ad, &cfg, &w, &batch, &parse_tail_drop(tail)?)
-        .with_context(|| format!("weights {}", weights.display()))?;
-    for (k, v) in [
-        ("loss", terms.loss),
-        ("mse", terms.mse),
-        ("vb", terms.vb),
-        ("ratio", terms.ratio),
-    ] {
-        grads.insert(k, HostTensor::new(vec![1], vec![v])?);
-    }
-    eprintln!(
-        "grad: loss {:.6} (mse {:.6}, vb {:.6}, ratio {:.6})",
-        terms.loss, terms.mse, terms.vb, terms.ratio
-    );
-    write_atomic(out, &grads.to_safetensors(None)?)
+        let ad = Autodiff::new(backend);
+        let (terms, mut grads) = batch_gradients(&ad, &cfg, &w, &batch, &parse_tail_drop(tail)?)
+            .with_context(|| format!("weights {}", weights.display()))?;
+        for (k, v) in [
+            ("loss", terms.loss),
+            ("mse", terms.mse),
+            ("vb", terms.vb),
+            ("ratio", terms.ratio),
+        ] {
+            grads.insert(k, HostTensor::new(vec![1], vec![v])?);
+        }
+        eprintln!(
+            "grad: loss {:.6} (mse {:.6}, vb {:.6}, ratio {:.6})",
+            terms.loss, terms.mse, terms.vb, terms.ratio
+        );
+        write_atomic(out, &grads.to_safetensors(None)?)
     })
 }

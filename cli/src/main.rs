@@ -31,7 +31,6 @@ struct Cli {
     cmd: Cmd,
 }
 
-
 #[derive(Subcommand)]
 enum Cmd {
     /// One forward pass: reads x (B,C,H,W), t (B), y (B); writes out, boundary_prob, boundary_mask.
@@ -139,7 +138,9 @@ enum Cmd {
 fn devices() -> anyhow::Result<()> {
     let list = dcdit_backend_vulkan::devices()?;
     if list.is_empty() {
-        println!("no Vulkan device (the loader found none; install a driver, e.g. mesa-vulkan-drivers)");
+        println!(
+            "no Vulkan device (the loader found none; install a driver, e.g. mesa-vulkan-drivers)"
+        );
     }
     for d in list {
         println!(
@@ -149,8 +150,14 @@ fn devices() -> anyhow::Result<()> {
             d.kind,
             d.api,
             d.subgroup_size,
-            if d.subgroup_arithmetic { ", subgroup arithmetic" } else { "" },
-            d.unusable.map(|w| format!(" UNUSABLE: {w}")).unwrap_or_default()
+            if d.subgroup_arithmetic {
+                ", subgroup arithmetic"
+            } else {
+                ""
+            },
+            d.unusable
+                .map(|w| format!(" UNUSABLE: {w}"))
+                .unwrap_or_default()
         );
     }
     Ok(())

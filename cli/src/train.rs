@@ -129,77 +129,77 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     remove_stale_temporaries(&dir);
     crate::with_backend!(args.dev, backend, {
-    let ad = Autodiff::new(backend);
-    let (_, reg) = model::build(&spec);
-    let init = init_weights(&spec, &reg, cfg.training.seed)?;
-    let mut trainer = Trainer::new(ad, &cfg, &init, opts)?;
-    if args.resume.is_some() {
-        let ckpt = read_tensors(&dir.join(LATEST))?;
-        trainer
-            .restore(&ckpt)
-            .with_context(|| format!("checkpoint in {}", dir.display()))?;
-    } else {
-        write_atomic(&dir.join("config.yaml"), cfg.to_yaml_string()?.as_bytes())?;
-    }
-    let (n_data, mut data) = open_data(&cfg)?;
-    let total = cfg.training.steps;
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("log.txt"))?;
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-    )?);
-    bar.set_position(trainer.step);
-    let start = Instant::now();
-    let first = trainer.step;
-    let log_every = cfg.training.log_every.max(1);
-    let ckpt_every = cfg.training.ckpt_every.max(1);
-    while trainer.step < total {
-        let s = trainer.step(n_data, &mut data)?;
-        let done = trainer.step - first;
-        let rate = done as f64 / start.elapsed().as_secs_f64();
-        let msg = format!(
-            "loss {:.4} (diff {:.4} ratio {:.4}) comp {:.2}/{:.2} {:.2} it/s",
-            s.loss.loss,
-            s.loss.mse + s.loss.vb,
-            s.loss.ratio,
-            s.natural_compression,
-            s.effective_compression,
-            rate
-        );
-        bar.set_message(msg.clone());
+        let ad = Autodiff::new(backend);
+        let (_, reg) = model::build(&spec);
+        let init = init_weights(&spec, &reg, cfg.training.seed)?;
+        let mut trainer = Trainer::new(ad, &cfg, &init, opts)?;
+        if args.resume.is_some() {
+            let ckpt = read_tensors(&dir.join(LATEST))?;
+            trainer
+                .restore(&ckpt)
+                .with_context(|| format!("checkpoint in {}", dir.display()))?;
+        } else {
+            write_atomic(&dir.join("config.yaml"), cfg.to_yaml_string()?.as_bytes())?;
+        }
+        let (n_data, mut data) = open_data(&cfg)?;
+        let total = cfg.training.steps;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log.txt"))?;
+        let bar = if args.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(total)
+        };
+        bar.set_style(ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )?);
         bar.set_position(trainer.step);
-        if trainer.step % log_every == 0 || trainer.step == total {
-            let line = format!(
+        let start = Instant::now();
+        let first = trainer.step;
+        let log_every = cfg.training.log_every.max(1);
+        let ckpt_every = cfg.training.ckpt_every.max(1);
+        while trainer.step < total {
+            let s = trainer.step(n_data, &mut data)?;
+            let done = trainer.step - first;
+            let rate = done as f64 / start.elapsed().as_secs_f64();
+            let msg = format!(
+                "loss {:.4} (diff {:.4} ratio {:.4}) comp {:.2}/{:.2} {:.2} it/s",
+                s.loss.loss,
+                s.loss.mse + s.loss.vb,
+                s.loss.ratio,
+                s.natural_compression,
+                s.effective_compression,
+                rate
+            );
+            bar.set_message(msg.clone());
+            bar.set_position(trainer.step);
+            if trainer.step % log_every == 0 || trainer.step == total {
+                let line = format!(
                 "step {} loss {:.5} mse {:.5} vb {:.5} ratio {:.5} N {:.2} drop {:.2} grad_norm {:.3} natural_compression {:.3} effective_compression {:.3} steps_per_s {:.3} elapsed_s {:.1}",
                 trainer.step, s.loss.loss, s.loss.mse, s.loss.vb, s.loss.ratio, s.target_n, s.drop_fraction, s.grad_norm,
                 s.natural_compression, s.effective_compression, rate, start.elapsed().as_secs_f64()
             );
-            writeln!(log, "{line}")?;
-            if args.quiet {
-                eprintln!("{line}");
-            } else {
-                bar.println(&line);
+                writeln!(log, "{line}")?;
+                if args.quiet {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(&line);
+                }
+            }
+            if trainer.step % ckpt_every == 0 || trainer.step == total {
+                save(&trainer, &dir)?;
             }
         }
-        if trainer.step % ckpt_every == 0 || trainer.step == total {
-            save(&trainer, &dir)?;
-        }
-    }
-    bar.finish();
-    eprintln!(
-        "trained {} steps in {:.1} s; checkpoint {}",
-        total - first,
-        start.elapsed().as_secs_f64(),
-        dir.join(LATEST).display()
-    );
-    Ok(())
+        bar.finish();
+        eprintln!(
+            "trained {} steps in {:.1} s; checkpoint {}",
+            total - first,
+            start.elapsed().as_secs_f64(),
+            dir.join(LATEST).display()
+        );
+        Ok(())
     })
 }
 

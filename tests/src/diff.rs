@@ -179,25 +179,46 @@ impl Arbitrary for Case {
         let mut v = Vec::new();
         let s = self.clone();
         if s.batch > 1 {
-            v.push(Case { batch: s.batch / 2, ..s.clone() });
+            v.push(Case {
+                batch: s.batch / 2,
+                ..s.clone()
+            });
         }
         if s.h > 1 {
-            v.push(Case { h: s.h / 2, ..s.clone() });
+            v.push(Case {
+                h: s.h / 2,
+                ..s.clone()
+            });
         }
         if s.w > 1 {
-            v.push(Case { w: s.w / 2, ..s.clone() });
+            v.push(Case {
+                w: s.w / 2,
+                ..s.clone()
+            });
         }
         if s.c > 1 {
-            v.push(Case { c: s.c / 2, ..s.clone() });
+            v.push(Case {
+                c: s.c / 2,
+                ..s.clone()
+            });
         }
         if s.heads > 1 {
-            v.push(Case { heads: 1, ..s.clone() });
+            v.push(Case {
+                heads: 1,
+                ..s.clone()
+            });
         }
         if s.k > 1 {
-            v.push(Case { k: s.k - 2, ..s.clone() });
+            v.push(Case {
+                k: s.k - 2,
+                ..s.clone()
+            });
         }
         if s.keep != Keep::All {
-            v.push(Case { keep: Keep::All, ..s.clone() });
+            v.push(Case {
+                keep: Keep::All,
+                ..s.clone()
+            });
         }
         Box::new(v.into_iter().map(Case::normalised))
     }
@@ -328,7 +349,11 @@ pub fn rel_error_abs(got: &[f32], want: &[f32], floor: f32, abs: f32) -> Result<
             continue;
         }
         let den = b.abs() + floor * scale + abs;
-        let e = if den > 0.0 { (a - b).abs() / den } else { (a - b).abs() };
+        let e = if den > 0.0 {
+            (a - b).abs() / den
+        } else {
+            (a - b).abs()
+        };
         worst = worst.max(e);
     }
     Ok(worst)
@@ -357,12 +382,15 @@ struct Inputs {
     t: Vec<(Vec<f32>, Vec<usize>)>,
 }
 
+/// Shapes and values of an op's outputs.
+type Outputs = Vec<(Vec<usize>, Vec<f32>)>;
+
 /// Runs `f` on a backend: uploads `inp`, calls the op, downloads every output.
 fn run_on<B: GradBackend>(
     b: &B,
     inp: &Inputs,
     f: impl Fn(&B, &[B::Tensor]) -> dcdit_core::Result<Vec<B::Tensor>>,
-) -> Result<Vec<(Vec<usize>, Vec<f32>)>, String> {
+) -> Result<Outputs, String> {
     let ts = inp
         .t
         .iter()
@@ -432,7 +460,10 @@ pub fn check_op<B: GradBackend>(dev: &B, op: Op, case: &Case) -> Result<f32, Str
         GroupNorm | GroupNormBackward => {
             let cc = c * 2;
             add(
-                normal(&mut rng, rows * cc, 1.0).iter().map(|v| v + 0.5).collect(),
+                normal(&mut rng, rows * cc, 1.0)
+                    .iter()
+                    .map(|v| v + 0.5)
+                    .collect(),
                 vec![rows, cc],
             );
             add(normal(&mut rng, cc, 1.0), vec![cc]);
@@ -503,7 +534,7 @@ pub fn check_op<B: GradBackend>(dev: &B, op: Op, case: &Case) -> Result<f32, Str
     }
     let groups = {
         let cc = c * 2;
-        let opts: Vec<usize> = (1..=cc).filter(|g| cc % g == 0).collect();
+        let opts: Vec<usize> = (1..=cc).filter(|g| cc.is_multiple_of(*g)).collect();
         opts[rng.below(opts.len())]
     };
     let inp = Inputs { t };
@@ -535,7 +566,8 @@ pub fn check_op<B: GradBackend>(dev: &B, op: Op, case: &Case) -> Result<f32, Str
         if gs != ws {
             return Err(format!("{op:?} output {i}: shape {gs:?} vs {ws:?}"));
         }
-        let e = rel_error_abs(g, w, floor, abs_floor(op, i)).map_err(|e| format!("{op:?} output {i}: {e}"))?;
+        let e = rel_error_abs(g, w, floor, abs_floor(op, i))
+            .map_err(|e| format!("{op:?} output {i}: {e}"))?;
         if e > tol {
             return Err(format!("{op:?} output {i}: error {e:.3e} > {tol:.0e}"));
         }
@@ -576,7 +608,10 @@ pub fn run_generic<B: GradBackend>(
     use Op::*;
     let seg = p.seg;
     Ok(match op {
-        Linear => vec![b.linear(&t[0], &t[1], Some(&t[2]))?, b.linear(&t[0], &t[1], None)?],
+        Linear => vec![
+            b.linear(&t[0], &t[1], Some(&t[2]))?,
+            b.linear(&t[0], &t[1], None)?,
+        ],
         Conv2d => vec![b.conv2d(&t[0], p.grid, &t[1], Some(&t[2]), p.k)?],
         Conv2dBackward => {
             let (dx, dw, db) = b.conv2d_backward(&t[0], p.grid, &t[1], p.k, &t[3])?;
@@ -657,4 +692,3 @@ pub fn run_generic<B: GradBackend>(
         EmaUpdate => vec![b.ema_update(&t[0], &t[1], 0.995)?],
     })
 }
-

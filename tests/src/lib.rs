@@ -3,9 +3,9 @@
 
 use dcdit_backend_cpu::CpuBackend;
 use dcdit_core::config::Config;
-use dcdit_core::Backend;
 use dcdit_core::model::{Model, TailDrop};
 use dcdit_core::weights::TensorMap;
+use dcdit_core::Backend;
 use std::path::{Path, PathBuf};
 
 pub mod diff;
@@ -90,15 +90,18 @@ pub fn run_forward_case(dir: &Path, threads: usize) -> CaseOutput {
 
 /// Runs the forward case in `dir` on any backend, with the case's tail drop
 /// or `tail` when given.
-pub fn run_forward_case_on<B: Backend>(dir: &Path, backend: &B, tail: Option<TailDrop>) -> CaseOutput {
+pub fn run_forward_case_on<B: Backend>(
+    dir: &Path,
+    backend: &B,
+    tail: Option<TailDrop>,
+) -> CaseOutput {
     let cfg =
         Config::from_yaml_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
     let w = read_map(&dir.join("weights.safetensors"));
     let inp = read_map(&dir.join("input.safetensors"));
     let tail = tail
         .unwrap_or_else(|| tail_drop_of(&std::fs::read_to_string(dir.join("case.json")).unwrap()));
-    let model =
-        Model::load(backend, &cfg, &w).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let model = Model::load(backend, &cfg, &w).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let t = &inp.get("t").unwrap().data;
     let y: Vec<u32> = inp
         .get("y")

@@ -64,7 +64,11 @@ fn run_ops(ops: &[Op]) {
         if let Err(r) = res {
             panic!("{op:?} failed (DCDIT_DIFF_SEED={seed} replays this run): {r:?}");
         }
-        eprintln!("{op:?}: {} cases in {:.2?} (seed {seed})", cases(), t0.elapsed());
+        eprintln!(
+            "{op:?}: {} cases in {:.2?} (seed {seed})",
+            cases(),
+            t0.elapsed()
+        );
     }
 }
 
