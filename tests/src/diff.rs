@@ -5,7 +5,7 @@
 //! that decides the packed segments, a seed for the data), runs the op on the
 //! CPU backend and on `B`, and compares every output with the op's tolerance
 //! ([`tolerance`]). A new backend (HIP, ...) plugs in by adding it to
-//! [`for_each_backend`]; nothing else changes.
+//! [`crate::for_each_backend`]; nothing else changes.
 //!
 //! Error metric: `max_i |got_i - want_i| / (|want_i| + floor * max_j |want_j|)`
 //! must be `<= tol`. `floor` is `1e-3` for element-wise ops (a true relative
