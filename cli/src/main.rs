@@ -114,9 +114,9 @@ enum Cmd {
         /// Timed repetitions.
         #[arg(long, default_value = "5")]
         iters: usize,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// Backend, device and CPU threads.
+        #[command(flatten)]
+        dev: util::Dev,
     },
     /// Lists the Vulkan devices (index for `--device`, name, type, API, subgroups).
     Devices,
@@ -204,8 +204,8 @@ fn main() {
             batch,
             keep,
             iters,
-            threads,
-        } => bench::run(&config, batch, keep, iters, threads),
+            dev,
+        } => bench::run(&config, batch, keep, iters, dev),
         Cmd::Devices => devices(),
         Cmd::Inspect {
             config,
