@@ -302,8 +302,9 @@ pub enum Op {
 ///   difference before rounding can move the result by one bf16 ulp (2^-8).
 /// * The smoothing backward's `dp` is a difference of nearly equal sums when
 ///   a sample's kept tokens are far apart (`g.h - gamma`, gamma ~ g.h): its
-///   error is judged against `|g| |h|` (up to ~40 here: c channels of N(0,1)) through an
-///   absolute floor of 10 in the denominator (see [`abs_floor`]).
+///   error is judged against `|g| |h| / S` (|g||h| up to ~40 here, and the
+///   normaliser S can be as small as the clamped p = 1e-4, so each term is
+///   amplified by up to 1e4) through an absolute floor of 100 in the denominator (see [`abs_floor`]).
 pub fn tolerance(op: Op) -> (f32, f32) {
     use Op::*;
     match op {
@@ -324,11 +325,11 @@ pub fn tolerance(op: Op) -> (f32, f32) {
 /// `op` (0 except the smoothing backward's `dp`, see [`tolerance`]).
 pub fn abs_floor(op: Op, i: usize) -> f32 {
     match (op, i) {
-        (Op::DechunkSmoothBackward, 1) => 10.0,
+        (Op::DechunkSmoothBackward, 1) => 100.0,
         // With 1-3 channels the LayerNorm gradient is a cancellation of
         // O(|g| / std) terms (exactly 0 for 2 channels): judged against
-        // |g| / std ~ 0.5 here.
-        (Op::LayerNormBackward, 0) => 0.1,
+        // |g| / std ~ 0.5..1 here.
+        (Op::LayerNormBackward, 0) => 1.0,
         _ => 0.0,
     }
 }
