@@ -4,8 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Needs only the Rust toolchain (cargo, rustfmt, clippy); every crate comes from
-# crates.io and all test data ships in the repository (tests/golden, data/).
+# Needs the Rust toolchain (cargo, rustfmt, clippy) and the packages of
+# scripts/setup.sh (glslc for the Vulkan shaders; the Vulkan loader and Mesa's
+# lavapipe so the differential suite CPU vs Vulkan runs without a GPU). Every
+# crate comes from crates.io and all test data ships in the repository.
+bash scripts/setup.sh
+# The differential suite must not pass silently without a Vulkan device.
+export DCDIT_REQUIRE_VULKAN=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -4,16 +4,15 @@
 //! classifier features of the samples and of the held-out real digits.
 
 use crate::sample::{draw, labels_of, load_model, options, SampleArgs};
-use crate::util::cpu;
 use anyhow::{bail, Result};
 use dcdit_data::classifier::{frechet_distance, Classifier};
 use dcdit_data::mnist::Mnist;
 
 /// Share of kept tokens on stroke pixels (> 0.5 in [-1, 1]) and on background
 /// pixels (< -0.9) of the held-out digits noised to timestep `t`.
-fn kept_on_strokes(
-    backend: &dcdit_backend_cpu::CpuBackend,
-    model: &dcdit_core::model::Model<dcdit_backend_cpu::CpuBackend>,
+fn kept_on_strokes<B: dcdit_core::Backend>(
+    backend: &B,
+    model: &dcdit_core::model::Model<B>,
     mnist: &Mnist,
     t: usize,
 ) -> Result<(f64, f64)> {
@@ -49,60 +48,61 @@ fn kept_on_strokes(
 
 /// Runs the command.
 pub fn run(args: SampleArgs) -> Result<()> {
-    let backend = cpu(args.threads)?;
-    let model = load_model(&args.ckpt, args.config.as_deref(), &backend)?;
-    let s = &model.spec;
-    if (s.in_channels, s.height, s.width, s.num_classes) != (1, 28, 28, 10) {
-        bail!("eval scores MNIST models (1x28x28, 10 classes)");
-    }
-    let labels = labels_of(&args, s.num_classes)?;
-    let (images, steps, _) = draw(&backend, &model, &labels, &options(&args)?)?;
-    let clf = Classifier::load_bundled()?;
-    let pred = clf.predict(&images)?;
-    let hits = pred
-        .iter()
-        .zip(&labels)
-        .filter(|(p, l)| u32::from(**p) == **l)
-        .count();
-    let mnist = Mnist::load_bundled()?;
-    let (real, _) = mnist.batch_f32(&mnist.heldout_indices())?;
-    let fa = clf.features(&images)?;
-    let fb = clf.features(&real)?;
-    let fd = frechet_distance(&fa, &fb, dcdit_data::classifier::FEATURE_DIM)?;
-    let l = s.tokens() as f32;
-    let comp =
-        |i: usize| l / (steps[i].kept_cond.iter().sum::<usize>() as f32 / labels.len() as f32);
-    println!(
-        "samples: {} ({} steps, seed {})",
-        labels.len(),
-        steps.len(),
-        args.seed
-    );
-    println!(
-        "class accuracy: {:.1}% ({hits}/{})",
-        100.0 * hits as f64 / labels.len() as f64,
-        labels.len()
-    );
-    println!(
-        "Frechet distance (classifier features) to {} held-out digits: {fd:.3}",
-        real.len() / 784
-    );
-    if !steps[0].kept_cond.is_empty() {
-        for t in [0usize, 250, 500] {
-            let (stroke, background) = kept_on_strokes(&backend, &model, &mnist, t)?;
-            println!(
+    crate::with_backend!(args.dev, backend, {
+        let model = load_model(&args.ckpt, args.config.as_deref(), &backend)?;
+        let s = &model.spec;
+        if (s.in_channels, s.height, s.width, s.num_classes) != (1, 28, 28, 10) {
+            bail!("eval scores MNIST models (1x28x28, 10 classes)");
+        }
+        let labels = labels_of(&args, s.num_classes)?;
+        let (images, steps, _) = draw(&backend, &model, &labels, &options(&args)?)?;
+        let clf = Classifier::load_bundled()?;
+        let pred = clf.predict(&images)?;
+        let hits = pred
+            .iter()
+            .zip(&labels)
+            .filter(|(p, l)| u32::from(**p) == **l)
+            .count();
+        let mnist = Mnist::load_bundled()?;
+        let (real, _) = mnist.batch_f32(&mnist.heldout_indices())?;
+        let fa = clf.features(&images)?;
+        let fb = clf.features(&real)?;
+        let fd = frechet_distance(&fa, &fb, dcdit_data::classifier::FEATURE_DIM)?;
+        let l = s.tokens() as f32;
+        let comp =
+            |i: usize| l / (steps[i].kept_cond.iter().sum::<usize>() as f32 / labels.len() as f32);
+        println!(
+            "samples: {} ({} steps, seed {})",
+            labels.len(),
+            steps.len(),
+            args.seed
+        );
+        println!(
+            "class accuracy: {:.1}% ({hits}/{})",
+            100.0 * hits as f64 / labels.len() as f64,
+            labels.len()
+        );
+        println!(
+            "Frechet distance (classifier features) to {} held-out digits: {fd:.3}",
+            real.len() / 784
+        );
+        if !steps[0].kept_cond.is_empty() {
+            for t in [0usize, 250, 500] {
+                let (stroke, background) = kept_on_strokes(&backend, &model, &mnist, t)?;
+                println!(
                 "real held-out digits at t = {t}: kept {:.1}% of stroke pixels, {:.1}% of background pixels",
                 100.0 * stroke,
                 100.0 * background
             );
+            }
+            println!(
+                "compression at t = {}: {:.2}; at t = {}: {:.2}",
+                steps[0].t,
+                comp(0),
+                steps[steps.len() - 1].t,
+                comp(steps.len() - 1)
+            );
         }
-        println!(
-            "compression at t = {}: {:.2}; at t = {}: {:.2}",
-            steps[0].t,
-            comp(0),
-            steps[steps.len() - 1].t,
-            comp(steps.len() - 1)
-        );
-    }
-    Ok(())
+        Ok(())
+    })
 }

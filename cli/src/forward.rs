@@ -1,6 +1,6 @@
 //! `dcdit-cli forward`: one forward pass on a safetensors input.
 
-use crate::util::{cpu, parse_fractions, read_config, read_tensors, write_atomic};
+use crate::util::{parse_fractions, read_config, read_tensors, write_atomic};
 use anyhow::{bail, Context, Result};
 use dcdit_core::model::{Model, TailDrop};
 use dcdit_core::weights::{HostTensor, TensorMap};
@@ -35,63 +35,64 @@ pub fn run(
     input: &Path,
     out: &Path,
     tail: &str,
-    threads: Option<usize>,
+    dev: crate::util::Dev,
 ) -> Result<()> {
     let cfg = read_config(config)?;
     let spec = cfg.model_spec()?;
     let w = read_tensors(weights)?;
     let inp = read_tensors(input)?;
-    let backend = cpu(threads)?;
-    let model = Model::load(&backend, &cfg, &w)
-        .with_context(|| format!("weights {}", weights.display()))?;
-    let get = |k: &str| {
-        inp.get(k)
-            .with_context(|| format!("input {} has no tensor `{k}`", input.display()))
-    };
-    let (x, t, y) = (get("x")?, get("t")?, get("y")?);
-    let b = t.data.len();
-    let want = vec![b, spec.in_channels, spec.height, spec.width];
-    if x.shape != want {
-        bail!(
-            "input `x`: expected shape {want:?} (B from `t`), got {:?}",
-            x.shape
-        );
-    }
-    if y.data.len() != b {
-        bail!("input `y`: {} labels for {b} timesteps", y.data.len());
-    }
-    let yl = labels(y, "y")?;
-    let tail = parse_tail_drop(tail)?;
-    let xt = model.input_from_nchw(&backend, &x.data, b)?;
-    let t0 = std::time::Instant::now();
-    let res = model.forward(&backend, &xt, &t.data, &yl, &tail)?;
-    let o = model.output_to_nchw(&backend, &res.out, b)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let mut m = TensorMap::default();
-    m.insert(
-        "out",
-        HostTensor::new(vec![b, spec.out_channels, spec.height, spec.width], o)?,
-    );
-    if let Some(r) = &res.routing {
-        let l = spec.tokens();
+    crate::with_backend!(dev, backend, {
+        let model = Model::load(&backend, &cfg, &w)
+            .with_context(|| format!("weights {}", weights.display()))?;
+        let get = |k: &str| {
+            inp.get(k)
+                .with_context(|| format!("input {} has no tensor `{k}`", input.display()))
+        };
+        let (x, t, y) = (get("x")?, get("t")?, get("y")?);
+        let b = t.data.len();
+        let want = vec![b, spec.in_channels, spec.height, spec.width];
+        if x.shape != want {
+            bail!(
+                "input `x`: expected shape {want:?} (B from `t`), got {:?}",
+                x.shape
+            );
+        }
+        if y.data.len() != b {
+            bail!("input `y`: {} labels for {b} timesteps", y.data.len());
+        }
+        let yl = labels(y, "y")?;
+        let tail = parse_tail_drop(tail)?;
+        let xt = model.input_from_nchw(&backend, &x.data, b)?;
+        let t0 = std::time::Instant::now();
+        let res = model.forward(&backend, &xt, &t.data, &yl, &tail)?;
+        let o = model.output_to_nchw(&backend, &res.out, b)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let mut m = TensorMap::default();
         m.insert(
-            "boundary_prob",
-            HostTensor::new(vec![b, l], r.boundary_prob.clone())?,
+            "out",
+            HostTensor::new(vec![b, spec.out_channels, spec.height, spec.width], o)?,
         );
-        let mask = r.mask.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
-        m.insert("boundary_mask", HostTensor::new(vec![b, l], mask)?);
-        eprintln!(
-            "forward: {b} samples, kept {:?} of {l} tokens, {:.3} s, {:.3} GFLOP",
-            r.kept,
-            secs,
-            res.flops.total() as f64 / 1e9
-        );
-    } else {
-        eprintln!(
-            "forward: {b} samples, {:.3} s, {:.3} GFLOP",
-            secs,
-            res.flops.total() as f64 / 1e9
-        );
-    }
-    write_atomic(out, &m.to_safetensors(None)?)
+        if let Some(r) = &res.routing {
+            let l = spec.tokens();
+            m.insert(
+                "boundary_prob",
+                HostTensor::new(vec![b, l], r.boundary_prob.clone())?,
+            );
+            let mask = r.mask.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+            m.insert("boundary_mask", HostTensor::new(vec![b, l], mask)?);
+            eprintln!(
+                "forward: {b} samples, kept {:?} of {l} tokens, {:.3} s, {:.3} GFLOP",
+                r.kept,
+                secs,
+                res.flops.total() as f64 / 1e9
+            );
+        } else {
+            eprintln!(
+                "forward: {b} samples, {:.3} s, {:.3} GFLOP",
+                secs,
+                res.flops.total() as f64 / 1e9
+            );
+        }
+        write_atomic(out, &m.to_safetensors(None)?)
+    })
 }

@@ -2,7 +2,7 @@
 //! batch, the tool to check a training port against PyTorch.
 
 use crate::forward::{labels, parse_tail_drop};
-use crate::util::{cpu, read_config, read_tensors, write_atomic};
+use crate::util::{read_config, read_tensors, write_atomic};
 use anyhow::{bail, Context, Result};
 use dcdit_autodiff::Autodiff;
 use dcdit_core::train::{batch_gradients, Batch};
@@ -16,7 +16,7 @@ pub fn run(
     batch: &Path,
     out: &Path,
     tail: &str,
-    threads: Option<usize>,
+    dev: crate::util::Dev,
 ) -> Result<()> {
     let cfg = read_config(config)?;
     let spec = cfg.model_spec()?;
@@ -44,20 +44,22 @@ pub fn run(
         y: labels(y, "y")?,
         noise: noise.data.clone(),
     };
-    let ad = Autodiff::new(cpu(threads)?);
-    let (terms, mut grads) = batch_gradients(&ad, &cfg, &w, &batch, &parse_tail_drop(tail)?)
-        .with_context(|| format!("weights {}", weights.display()))?;
-    for (k, v) in [
-        ("loss", terms.loss),
-        ("mse", terms.mse),
-        ("vb", terms.vb),
-        ("ratio", terms.ratio),
-    ] {
-        grads.insert(k, HostTensor::new(vec![1], vec![v])?);
-    }
-    eprintln!(
-        "grad: loss {:.6} (mse {:.6}, vb {:.6}, ratio {:.6})",
-        terms.loss, terms.mse, terms.vb, terms.ratio
-    );
-    write_atomic(out, &grads.to_safetensors(None)?)
+    crate::with_backend!(dev, backend, {
+        let ad = Autodiff::new(backend);
+        let (terms, mut grads) = batch_gradients(&ad, &cfg, &w, &batch, &parse_tail_drop(tail)?)
+            .with_context(|| format!("weights {}", weights.display()))?;
+        for (k, v) in [
+            ("loss", terms.loss),
+            ("mse", terms.mse),
+            ("vb", terms.vb),
+            ("ratio", terms.ratio),
+        ] {
+            grads.insert(k, HostTensor::new(vec![1], vec![v])?);
+        }
+        eprintln!(
+            "grad: loss {:.6} (mse {:.6}, vb {:.6}, ratio {:.6})",
+            terms.loss, terms.mse, terms.vb, terms.ratio
+        );
+        write_atomic(out, &grads.to_safetensors(None)?)
+    })
 }

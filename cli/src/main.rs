@@ -17,7 +17,7 @@ mod sample;
 mod train;
 mod util;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -29,13 +29,6 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// Compute backends.
-#[derive(Clone, Copy, ValueEnum, Debug)]
-enum BackendKind {
-    /// Multi-threaded CPU backend.
-    Cpu,
 }
 
 #[derive(Subcommand)]
@@ -57,12 +50,9 @@ enum Cmd {
         /// Tail-drop fraction, or one per sample (comma separated).
         #[arg(long, default_value = "0")]
         tail_drop: String,
-        /// Compute backend.
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendKind,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// Backend, device and CPU threads.
+        #[command(flatten)]
+        dev: util::Dev,
     },
     /// Loss terms and gradients of one batch (x, t, y, noise): writes loss, mse, vb, ratio, grad.KEY.
     Grad {
@@ -81,12 +71,9 @@ enum Cmd {
         /// Tail-drop fraction, or one per sample.
         #[arg(long, default_value = "0")]
         tail_drop: String,
-        /// Compute backend.
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendKind,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// Backend, device and CPU threads.
+        #[command(flatten)]
+        dev: util::Dev,
     },
     /// Trains a config; checkpoints, log.txt and config.yaml go to the run directory.
     Train {
@@ -105,12 +92,9 @@ enum Cmd {
         /// Log lines instead of a progress bar.
         #[arg(long)]
         quiet: bool,
-        /// Compute backend.
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: BackendKind,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// Backend, device and CPU threads.
+        #[command(flatten)]
+        dev: util::Dev,
     },
     /// Samples a class-conditional grid: sample.png, chunking_viz.png, compression.png.
     Sample(sample::SampleArgs),
@@ -119,6 +103,8 @@ enum Cmd {
     /// Speed: forward / bf16 / training-step medians, GFLOP/s per component,
     /// GEMM vs peak; with --against-pytorch the PyTorch reference side by side.
     Bench(bench::BenchArgs),
+    /// Lists the Vulkan devices (index for `--device`, name, type, API, subgroups).
+    Devices,
     /// Parameter count and FLOPs per image, per component.
     Inspect {
         /// Release-format YAML config.
@@ -133,6 +119,35 @@ enum Cmd {
     },
 }
 
+/// Prints the Vulkan devices; an error when there is no Vulkan loader.
+fn devices() -> anyhow::Result<()> {
+    let list = dcdit_backend_vulkan::devices()?;
+    if list.is_empty() {
+        println!(
+            "no Vulkan device (the loader found none; install a driver, e.g. mesa-vulkan-drivers)"
+        );
+    }
+    for d in list {
+        println!(
+            "{}: {} ({}, Vulkan {}, subgroup size {}{}){}",
+            d.index,
+            d.name,
+            d.kind,
+            d.api,
+            d.subgroup_size,
+            if d.subgroup_arithmetic {
+                ", subgroup arithmetic"
+            } else {
+                ""
+            },
+            d.unusable
+                .map(|w| format!(" UNUSABLE: {w}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -142,37 +157,35 @@ fn main() {
             input,
             out,
             tail_drop,
-            backend: BackendKind::Cpu,
-            threads,
-        } => forward::run(&config, &weights, &input, &out, &tail_drop, threads),
+            dev,
+        } => forward::run(&config, &weights, &input, &out, &tail_drop, dev),
         Cmd::Grad {
             config,
             weights,
             batch,
             out,
             tail_drop,
-            backend: BackendKind::Cpu,
-            threads,
-        } => grad::run(&config, &weights, &batch, &out, &tail_drop, threads),
+            dev,
+        } => grad::run(&config, &weights, &batch, &out, &tail_drop, dev),
         Cmd::Train {
             config,
             out,
             resume,
             steps,
             quiet,
-            backend: BackendKind::Cpu,
-            threads,
+            dev,
         } => train::run(train::TrainArgs {
             config,
             out,
             resume,
             steps,
-            threads,
+            dev,
             quiet,
         }),
         Cmd::Sample(args) => sample::run(args),
         Cmd::Eval(args) => eval::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Devices => devices(),
         Cmd::Inspect {
             config,
             weights,

@@ -2,13 +2,13 @@
 //! writes `sample.png`, `chunking_viz.png` and `compression.png`, with a
 //! per-step table of compression, time and FLOPs.
 
-use crate::util::{cpu, read_tensors};
+use crate::util::read_tensors;
 use anyhow::{bail, Context, Result};
-use dcdit_backend_cpu::CpuBackend;
 use dcdit_core::config::Config;
 use dcdit_core::model::Model;
 use dcdit_core::sample::{sample, Guide, Method, SampleOptions, StepInfo};
 use dcdit_core::train::sampling_weights;
+use dcdit_core::Backend;
 use dcdit_data::pictures::{
     save_chunking_viz, save_compression_plot, save_grid_png, ChunkFrame, StepStats,
 };
@@ -60,17 +60,13 @@ pub struct SampleArgs {
     /// Output directory.
     #[arg(long, default_value = "samples")]
     pub out: PathBuf,
-    /// CPU threads.
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Backend, device and CPU threads.
+    #[command(flatten)]
+    pub dev: crate::util::Dev,
 }
 
 /// Loads the model of a checkpoint (EMA weights when it is a training checkpoint).
-pub fn load_model(
-    ckpt: &Path,
-    config: Option<&Path>,
-    backend: &CpuBackend,
-) -> Result<Model<CpuBackend>> {
+pub fn load_model<B: Backend>(ckpt: &Path, config: Option<&Path>, backend: &B) -> Result<Model<B>> {
     let map = read_tensors(ckpt)?;
     let cfg = match config {
         Some(c) => crate::util::read_config(c)?,
@@ -138,9 +134,9 @@ pub fn viz_steps(steps: usize) -> Vec<usize> {
 }
 
 /// Draws the samples and returns them (NCHW) with the per-step records.
-pub fn draw(
-    backend: &CpuBackend,
-    model: &Model<CpuBackend>,
+pub fn draw<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
     labels: &[u32],
     opts: &SampleOptions,
 ) -> Result<(Vec<f32>, Vec<StepInfo>, Vec<f64>)> {
@@ -161,95 +157,95 @@ pub fn draw(
 
 /// Runs the command.
 pub fn run(args: SampleArgs) -> Result<()> {
-    let backend = cpu(args.threads)?;
-    let model = load_model(&args.ckpt, args.config.as_deref(), &backend)?;
-    let s = model.spec.clone();
-    let labels = labels_of(&args, s.num_classes)?;
-    let opts = options(&args)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let t0 = Instant::now();
-    let (images, steps, secs) = draw(&backend, &model, &labels, &opts)?;
-    let total = t0.elapsed().as_secs_f64();
-    let (c, h, w, l) = (s.in_channels, s.height, s.width, s.tokens());
-    let cols = if args.labels.is_none() {
-        args.per_class
-    } else {
-        labels.len().min(10)
-    };
-    save_grid_png(
-        args.out.join("sample.png"),
-        &images,
-        labels.len(),
-        c,
-        h,
-        w,
-        cols,
-        4,
-    )?;
+    crate::with_backend!(args.dev, backend, {
+        let model = load_model(&args.ckpt, args.config.as_deref(), &backend)?;
+        let s = model.spec.clone();
+        let labels = labels_of(&args, s.num_classes)?;
+        let opts = options(&args)?;
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
+        let t0 = Instant::now();
+        let (images, steps, secs) = draw(&backend, &model, &labels, &opts)?;
+        let total = t0.elapsed().as_secs_f64();
+        let (c, h, w, l) = (s.in_channels, s.height, s.width, s.tokens());
+        let cols = if args.labels.is_none() {
+            args.per_class
+        } else {
+            labels.len().min(10)
+        };
+        save_grid_png(
+            args.out.join("sample.png"),
+            &images,
+            labels.len(),
+            c,
+            h,
+            w,
+            cols,
+            4,
+        )?;
 
-    // Chunking visualisation: 8 evenly spaced steps, first sample.
-    let routed = !steps[0].boundary_prob.is_empty();
-    let mean_kept = |k: &[usize]| k.iter().sum::<usize>() as f32 / k.len().max(1) as f32;
-    if routed {
-        let mut picks = viz_steps(steps.len());
-        picks.dedup();
-        let frames: Vec<ChunkFrame> = picks
+        // Chunking visualisation: 8 evenly spaced steps, first sample.
+        let routed = !steps[0].boundary_prob.is_empty();
+        let mean_kept = |k: &[usize]| k.iter().sum::<usize>() as f32 / k.len().max(1) as f32;
+        if routed {
+            let mut picks = viz_steps(steps.len());
+            picks.dedup();
+            let frames: Vec<ChunkFrame> = picks
+                .iter()
+                .filter_map(|&i| steps.get(i))
+                .filter(|st| !st.x_t.is_empty())
+                .map(|st| ChunkFrame {
+                    t: st.t,
+                    x_t: st.x_t[..c * l].to_vec(),
+                    h,
+                    w,
+                    c,
+                    prob: st.boundary_prob[..l].to_vec(),
+                    kept_fraction: st.kept_cond[0] as f32 / l as f32,
+                })
+                .collect();
+            save_chunking_viz(args.out.join("chunking_viz.png"), &frames)?;
+        }
+        let stats: Vec<StepStats> = steps
             .iter()
-            .filter_map(|&i| steps.get(i))
-            .filter(|st| !st.x_t.is_empty())
-            .map(|st| ChunkFrame {
+            .zip(&secs)
+            .map(|(st, &sec)| StepStats {
                 t: st.t,
-                x_t: st.x_t[..c * l].to_vec(),
-                h,
-                w,
-                c,
-                prob: st.boundary_prob[..l].to_vec(),
-                kept_fraction: st.kept_cond[0] as f32 / l as f32,
+                ratio_cond: if routed {
+                    l as f32 / mean_kept(&st.kept_cond)
+                } else {
+                    1.0
+                },
+                ratio_uncond: (!st.kept_uncond.is_empty())
+                    .then(|| l as f32 / mean_kept(&st.kept_uncond)),
+                seconds: sec,
+                gflops: st.flops.total() as f64 / 1e9,
             })
             .collect();
-        save_chunking_viz(args.out.join("chunking_viz.png"), &frames)?;
-    }
-    let stats: Vec<StepStats> = steps
-        .iter()
-        .zip(&secs)
-        .map(|(st, &sec)| StepStats {
-            t: st.t,
-            ratio_cond: if routed {
-                l as f32 / mean_kept(&st.kept_cond)
-            } else {
-                1.0
-            },
-            ratio_uncond: (!st.kept_uncond.is_empty())
-                .then(|| l as f32 / mean_kept(&st.kept_uncond)),
-            seconds: sec,
-            gflops: st.flops.total() as f64 / 1e9,
-        })
-        .collect();
-    save_compression_plot(args.out.join("compression.png"), &stats)?;
+        save_compression_plot(args.out.join("compression.png"), &stats)?;
 
-    println!(
-        "{:>6} {:>10} {:>10} {:>9} {:>10}",
-        "t", "comp_cond", "comp_unc", "ms", "GFLOP"
-    );
-    let every = (stats.len() / 10).max(1);
-    for (i, st) in stats.iter().enumerate() {
-        if i % every == 0 || i + 1 == stats.len() {
-            println!(
-                "{:>6} {:>10.2} {:>10} {:>9.1} {:>10.3}",
-                st.t,
-                st.ratio_cond,
-                st.ratio_uncond
-                    .map(|r| format!("{r:.2}"))
-                    .unwrap_or_else(|| "-".into()),
-                st.seconds * 1e3,
-                st.gflops
-            );
+        println!(
+            "{:>6} {:>10} {:>10} {:>9} {:>10}",
+            "t", "comp_cond", "comp_unc", "ms", "GFLOP"
+        );
+        let every = (stats.len() / 10).max(1);
+        for (i, st) in stats.iter().enumerate() {
+            if i % every == 0 || i + 1 == stats.len() {
+                println!(
+                    "{:>6} {:>10.2} {:>10} {:>9.1} {:>10.3}",
+                    st.t,
+                    st.ratio_cond,
+                    st.ratio_uncond
+                        .map(|r| format!("{r:.2}"))
+                        .unwrap_or_else(|| "-".into()),
+                    st.seconds * 1e3,
+                    st.gflops
+                );
+            }
         }
-    }
-    let gflops: f64 = stats.iter().map(|s| s.gflops).sum();
-    let n = labels.len() as f64;
-    println!(
+        let gflops: f64 = stats.iter().map(|s| s.gflops).sum();
+        let n = labels.len() as f64;
+        println!(
         "total: {} samples, {} steps, {:.1} s ({:.3} s/step), {:.2} TFLOP ({:.4} TFLOP/image), mean compression cond {:.2}{}",
         labels.len(),
         stats.len(),
@@ -264,9 +260,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
             String::new()
         }
     );
-    println!(
-        "wrote {}/{{sample,chunking_viz,compression}}.png",
-        args.out.display()
-    );
-    Ok(())
+        println!(
+            "wrote {}/{{sample,chunking_viz,compression}}.png",
+            args.out.display()
+        );
+        Ok(())
+    })
 }

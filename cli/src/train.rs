@@ -1,10 +1,9 @@
 //! `dcdit-cli train`: trains a config end to end with a progress bar, a log
 //! file and atomic checkpoints; `--resume` continues bit for bit.
 
-use crate::util::{cpu, read_config, read_tensors, write_atomic};
+use crate::util::{read_config, read_tensors, write_atomic};
 use anyhow::{bail, Context, Result};
 use dcdit_autodiff::Autodiff;
-use dcdit_backend_cpu::CpuBackend;
 use dcdit_core::config::Config;
 use dcdit_core::model::{self, init::init_weights};
 use dcdit_core::train::{TrainOptions, Trainer};
@@ -30,8 +29,8 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     /// Override `training.steps`.
     pub steps: Option<u64>,
-    /// CPU threads.
-    pub threads: Option<usize>,
+    /// Backend, device and CPU threads.
+    pub dev: crate::util::Dev,
     /// No progress bar (log lines only).
     pub quiet: bool,
 }
@@ -129,87 +128,79 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     remove_stale_temporaries(&dir);
-    let backend = cpu(args.threads)?;
-    // DCDIT_PROFILE_OPS=1: print where the steps' time went, by backend op.
-    let profile_ops = std::env::var_os("DCDIT_PROFILE_OPS").is_some();
-    backend.set_op_profiling(profile_ops);
-    let ad = Autodiff::new(backend.clone());
-    let (_, reg) = model::build(&spec);
-    let init = init_weights(&spec, &reg, cfg.training.seed)?;
-    let mut trainer = Trainer::new(ad, &cfg, &init, opts)?;
-    if args.resume.is_some() {
-        let ckpt = read_tensors(&dir.join(LATEST))?;
-        trainer
-            .restore(&ckpt)
-            .with_context(|| format!("checkpoint in {}", dir.display()))?;
-    } else {
-        write_atomic(&dir.join("config.yaml"), cfg.to_yaml_string()?.as_bytes())?;
-    }
-    let (n_data, mut data) = open_data(&cfg)?;
-    let total = cfg.training.steps;
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("log.txt"))?;
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-    )?);
-    bar.set_position(trainer.step);
-    let start = Instant::now();
-    let first = trainer.step;
-    let log_every = cfg.training.log_every.max(1);
-    let ckpt_every = cfg.training.ckpt_every.max(1);
-    while trainer.step < total {
-        let s = trainer.step(n_data, &mut data)?;
-        let done = trainer.step - first;
-        let rate = done as f64 / start.elapsed().as_secs_f64();
-        let msg = format!(
-            "loss {:.4} (diff {:.4} ratio {:.4}) comp {:.2}/{:.2} {:.2} it/s",
-            s.loss.loss,
-            s.loss.mse + s.loss.vb,
-            s.loss.ratio,
-            s.natural_compression,
-            s.effective_compression,
-            rate
-        );
-        bar.set_message(msg.clone());
+    crate::with_backend!(args.dev, backend, {
+        let ad = Autodiff::new(backend);
+        let (_, reg) = model::build(&spec);
+        let init = init_weights(&spec, &reg, cfg.training.seed)?;
+        let mut trainer = Trainer::new(ad, &cfg, &init, opts)?;
+        if args.resume.is_some() {
+            let ckpt = read_tensors(&dir.join(LATEST))?;
+            trainer
+                .restore(&ckpt)
+                .with_context(|| format!("checkpoint in {}", dir.display()))?;
+        } else {
+            write_atomic(&dir.join("config.yaml"), cfg.to_yaml_string()?.as_bytes())?;
+        }
+        let (n_data, mut data) = open_data(&cfg)?;
+        let total = cfg.training.steps;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log.txt"))?;
+        let bar = if args.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(total)
+        };
+        bar.set_style(ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )?);
         bar.set_position(trainer.step);
-        if trainer.step % log_every == 0 || trainer.step == total {
-            let line = format!(
+        let start = Instant::now();
+        let first = trainer.step;
+        let log_every = cfg.training.log_every.max(1);
+        let ckpt_every = cfg.training.ckpt_every.max(1);
+        while trainer.step < total {
+            let s = trainer.step(n_data, &mut data)?;
+            let done = trainer.step - first;
+            let rate = done as f64 / start.elapsed().as_secs_f64();
+            let msg = format!(
+                "loss {:.4} (diff {:.4} ratio {:.4}) comp {:.2}/{:.2} {:.2} it/s",
+                s.loss.loss,
+                s.loss.mse + s.loss.vb,
+                s.loss.ratio,
+                s.natural_compression,
+                s.effective_compression,
+                rate
+            );
+            bar.set_message(msg.clone());
+            bar.set_position(trainer.step);
+            if trainer.step % log_every == 0 || trainer.step == total {
+                let line = format!(
                 "step {} loss {:.5} mse {:.5} vb {:.5} ratio {:.5} N {:.2} drop {:.2} grad_norm {:.3} natural_compression {:.3} effective_compression {:.3} steps_per_s {:.3} elapsed_s {:.1}",
                 trainer.step, s.loss.loss, s.loss.mse, s.loss.vb, s.loss.ratio, s.target_n, s.drop_fraction, s.grad_norm,
                 s.natural_compression, s.effective_compression, rate, start.elapsed().as_secs_f64()
             );
-            writeln!(log, "{line}")?;
-            if args.quiet {
-                eprintln!("{line}");
-            } else {
-                bar.println(&line);
+                writeln!(log, "{line}")?;
+                if args.quiet {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(&line);
+                }
+            }
+            if trainer.step % ckpt_every == 0 || trainer.step == total {
+                save(&trainer, &dir)?;
             }
         }
-        if trainer.step % ckpt_every == 0 || trainer.step == total {
-            save(&trainer, &dir)?;
-        }
-    }
-    bar.finish();
-    eprintln!(
-        "trained {} steps in {:.1} s; checkpoint {}",
-        total - first,
-        start.elapsed().as_secs_f64(),
-        dir.join(LATEST).display()
-    );
-    if profile_ops {
-        eprint!(
-            "{}",
-            dcdit_backend_cpu::profile::format_table(&backend.op_profile())
+        bar.finish();
+        eprintln!(
+            "trained {} steps in {:.1} s; checkpoint {}",
+            total - first,
+            start.elapsed().as_secs_f64(),
+            dir.join(LATEST).display()
         );
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Removes the temporary files of a run killed while writing a checkpoint
@@ -225,7 +216,7 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
-fn save(trainer: &Trainer<Autodiff<CpuBackend>>, dir: &Path) -> Result<()> {
+fn save<B: dcdit_core::GradBackend>(trainer: &Trainer<Autodiff<B>>, dir: &Path) -> Result<()> {
     let ckpt = trainer.checkpoint()?;
     write_atomic(&dir.join(LATEST), &ckpt.to_safetensors(None)?)?;
     let mut ema = dcdit_core::train::sampling_weights(&ckpt);

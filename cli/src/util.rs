@@ -53,6 +53,56 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     res.with_context(|| format!("writing {}", path.display()))
 }
 
+/// Compute backends.
+#[derive(Clone, Copy, clap::ValueEnum, Debug, Default, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Multi-threaded CPU backend.
+    #[default]
+    Cpu,
+    /// Vulkan compute (any Vulkan 1.1 device; see `dcdit-cli devices`).
+    Vulkan,
+}
+
+/// Backend selection shared by the commands.
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+pub struct Dev {
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
+    /// Vulkan device index (see `dcdit-cli devices`).
+    #[arg(long, default_value = "0")]
+    pub device: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Runs `$body` with `$b` bound to the backend `$dev` selects (the body is
+/// compiled once per backend type, so it is written once, generically).
+#[macro_export]
+macro_rules! with_backend {
+    ($dev:expr, $b:ident, $body:block) => {{
+        let dev: $crate::util::Dev = $dev;
+        match dev.backend {
+            $crate::util::BackendKind::Cpu => {
+                let $b = $crate::util::cpu(dev.threads)?;
+                $body
+            }
+            $crate::util::BackendKind::Vulkan => {
+                let $b = $crate::util::vulkan(dev.device)?;
+                $body
+            }
+        }
+    }};
+}
+
+/// The Vulkan backend on device `index`.
+pub fn vulkan(index: usize) -> Result<dcdit_backend_vulkan::VulkanBackend> {
+    let b = dcdit_backend_vulkan::VulkanBackend::new(index)?;
+    eprintln!("backend: {}", dcdit_core::Backend::name(&b));
+    Ok(b)
+}
+
 /// The CPU backend with `threads` threads (default: all cores).
 pub fn cpu(threads: Option<usize>) -> Result<CpuBackend> {
     Ok(match threads {

@@ -5,7 +5,10 @@ use dcdit_backend_cpu::CpuBackend;
 use dcdit_core::config::Config;
 use dcdit_core::model::{Model, TailDrop};
 use dcdit_core::weights::TensorMap;
+use dcdit_core::Backend;
 use std::path::{Path, PathBuf};
+
+pub mod diff;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -82,14 +85,23 @@ pub struct CaseOutput {
 
 /// Runs the forward case in `dir` (config.yaml, weights, input, case.json) on the CPU backend.
 pub fn run_forward_case(dir: &Path, threads: usize) -> CaseOutput {
+    run_forward_case_on(dir, &CpuBackend::with_threads(threads), None)
+}
+
+/// Runs the forward case in `dir` on any backend, with the case's tail drop
+/// or `tail` when given.
+pub fn run_forward_case_on<B: Backend>(
+    dir: &Path,
+    backend: &B,
+    tail: Option<TailDrop>,
+) -> CaseOutput {
     let cfg =
         Config::from_yaml_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
     let w = read_map(&dir.join("weights.safetensors"));
     let inp = read_map(&dir.join("input.safetensors"));
-    let tail = tail_drop_of(&std::fs::read_to_string(dir.join("case.json")).unwrap());
-    let backend = CpuBackend::with_threads(threads);
-    let model =
-        Model::load(&backend, &cfg, &w).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let tail = tail
+        .unwrap_or_else(|| tail_drop_of(&std::fs::read_to_string(dir.join("case.json")).unwrap()));
+    let model = Model::load(backend, &cfg, &w).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let t = &inp.get("t").unwrap().data;
     let y: Vec<u32> = inp
         .get("y")
@@ -99,10 +111,10 @@ pub fn run_forward_case(dir: &Path, threads: usize) -> CaseOutput {
         .map(|v| *v as u32)
         .collect();
     let x = model
-        .input_from_nchw(&backend, &inp.get("x").unwrap().data, t.len())
+        .input_from_nchw(backend, &inp.get("x").unwrap().data, t.len())
         .unwrap();
-    let res = model.forward(&backend, &x, t, &y, &tail).unwrap();
-    let out = model.output_to_nchw(&backend, &res.out, t.len()).unwrap();
+    let res = model.forward(backend, &x, t, &y, &tail).unwrap();
+    let out = model.output_to_nchw(backend, &res.out, t.len()).unwrap();
     let (bp, bm) = match res.routing {
         Some(r) => (
             r.boundary_prob,
