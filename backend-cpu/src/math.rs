@@ -158,18 +158,18 @@ fn softmax_generic(row: &mut [f32]) {
 
 simd_kernel! {
     /// `dst[i] = op(src[i])` (equal lengths).
-    pub(crate) fn unary_slice(op: Unary, src: &[f32], dst: &mut [f32]) = unary_generic;
+    pub(crate) fn unary_slice / unary_slice_at(op: Unary, src: &[f32], dst: &mut [f32]) = unary_generic;
 }
 
 simd_kernel! {
     /// `dst[i] = g[i] * op'(x[i])` (equal lengths): the gradient of
     /// [`unary_slice`] from its input.
-    pub(crate) fn unary_backward_slice(op: Unary, x: &[f32], g: &[f32], dst: &mut [f32]) = unary_backward_generic;
+    pub(crate) fn unary_backward_slice / unary_backward_slice_at(op: Unary, x: &[f32], g: &[f32], dst: &mut [f32]) = unary_backward_generic;
 }
 
 simd_kernel! {
     /// In-place numerically stable softmax of a row (subtracts the row max).
-    pub(crate) fn softmax(row: &mut [f32]) = softmax_generic;
+    pub(crate) fn softmax / softmax_at(row: &mut [f32]) = softmax_generic;
 }
 
 #[cfg(test)]
@@ -203,6 +203,60 @@ mod tests {
         assert_eq!(sigmoid(200.0), 1.0);
         assert!(sigmoid(-200.0) < 1e-37);
         assert!(gelu_tanh(f32::NAN).is_nan());
+    }
+
+    /// Every SIMD level gives the baseline's bits (NaN's sign aside): the
+    /// kernels are one Rust body compiled per level, without fast-math or FMA
+    /// contraction.
+    #[test]
+    fn simd_levels_match_the_baseline() {
+        use crate::util::Level;
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 40.0
+        };
+        let mut x: Vec<f32> = (0..1037).map(|_| next()).collect();
+        x.extend([
+            0.0,
+            -0.0,
+            88.5,
+            -90.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ]);
+        let g: Vec<f32> = x.iter().map(|v| v * 0.37 - 1.0).collect();
+        for op in [Unary::Silu, Unary::GeluTanh, Unary::Sigmoid] {
+            let mut base = vec![0.0; x.len()];
+            unary_slice_at(Level::Base, op, &x, &mut base);
+            let mut base_b = vec![0.0; x.len()];
+            unary_backward_slice_at(Level::Base, op, &x, &g, &mut base_b);
+            for level in [Level::V3, Level::V4] {
+                let mut y = vec![0.0; x.len()];
+                unary_slice_at(level, op, &x, &mut y);
+                let mut yb = vec![0.0; x.len()];
+                unary_backward_slice_at(level, op, &x, &g, &mut yb);
+                for i in 0..x.len() {
+                    assert!(same(y[i], base[i]), "{op:?} {level:?} x={}", x[i]);
+                    assert!(same(yb[i], base_b[i]), "{op:?}' {level:?} x={}", x[i]);
+                }
+            }
+        }
+        let row: Vec<f32> = x[..1037].to_vec();
+        let mut base = row.clone();
+        softmax_at(Level::Base, &mut base);
+        for level in [Level::V3, Level::V4] {
+            let mut r = row.clone();
+            softmax_at(level, &mut r);
+            assert!(
+                r.iter().zip(&base).all(|(&a, &b)| same(a, b)),
+                "softmax {level:?}"
+            );
+        }
     }
 
     #[test]

@@ -74,12 +74,20 @@ pub(crate) fn simd_level() -> Level {
 
 /// Defines `fn $name(args)` that calls the `#[inline(always)]` function
 /// `$generic` compiled for the CPU's SIMD level (AVX-512, AVX2 + FMA, or
-/// baseline), chosen at run time. For hot kernels whose body is too large
-/// for [`simd`]'s closure to be inlined.
+/// baseline), chosen at run time, and `fn $at(level, args)` that runs a given
+/// level (tests hold every level to the baseline). For hot kernels whose body
+/// is too large for [`simd`]'s closure to be inlined.
 macro_rules! simd_kernel {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) = $generic:path;) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident / $at:ident($($a:ident: $t:ty),*) = $generic:path;) => {
         $(#[$m])*
         $vis fn $name($($a: $t),*) {
+            $at($crate::util::simd_level(), $($a),*)
+        }
+
+        /// Runs the kernel compiled for `level`; a level the CPU lacks runs
+        /// the baseline.
+        #[allow(dead_code)]
+        $vis fn $at(level: $crate::util::Level, $($a: $t),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
@@ -90,12 +98,17 @@ macro_rules! simd_kernel {
                 unsafe fn v3($($a: $t),*) {
                     $generic($($a),*)
                 }
-                match $crate::util::simd_level() {
-                    // SAFETY: the level's features were detected on this CPU.
-                    $crate::util::Level::V4 => return unsafe { v4($($a),*) },
-                    // SAFETY: as above.
-                    $crate::util::Level::V3 => return unsafe { v3($($a),*) },
-                    $crate::util::Level::Base => {}
+                let have = $crate::util::simd_level();
+                match level {
+                    // SAFETY: the CPU has AVX-512 (detected).
+                    $crate::util::Level::V4 if have == $crate::util::Level::V4 => {
+                        return unsafe { v4($($a),*) }
+                    }
+                    // SAFETY: the CPU has at least AVX2 + FMA (detected).
+                    $crate::util::Level::V3 if have != $crate::util::Level::Base => {
+                        return unsafe { v3($($a),*) }
+                    }
+                    _ => {}
                 }
             }
             $generic($($a),*)
