@@ -4,9 +4,9 @@
 //!
 //! Shapes repeat exactly from one sampling or training step to the next, so
 //! buffers are matched by exact length. The pool holds at most
-//! [`MAX_POOL_BYTES`]; beyond that, dropped buffers go back to the allocator.
-//! A buffer from [`take`] holds arbitrary (initialised) values: use it only
-//! where every element is written; [`take_zeroed`] for accumulators.
+//! `MAX_POOL_BYTES` (1 GiB); beyond that, dropped buffers go back to the allocator.
+//! A buffer from `take` holds arbitrary (initialised) values: use it only
+//! where every element is written; `take_zeroed` for accumulators.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
