@@ -63,10 +63,8 @@ const NEGLIGIBLE: f32 = 8.673_617e-19;
 
 /// Integer square root (floor).
 fn isqrt(n: usize) -> usize {
-    let mut r = (n as f64).sqrt() as usize;
-    while r * r > n {
-        r -= 1;
-    }
+    // n is a table length (<= 1024): a short integer loop, no float (no_std).
+    let mut r = 0;
     while (r + 1) * (r + 1) <= n {
         r += 1;
     }
