@@ -181,18 +181,7 @@ pub(crate) fn add_segment(x: &CpuTensor, v: &CpuTensor, seg: Segments) -> Result
     Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
 }
 
-/// Checks that column block `at` (width `c`) exists in `ada (S, vc)`.
-fn check_block(op: &str, what: &str, at: usize, c: usize, vc: usize) -> Result<()> {
-    if c == 0 && vc == 0 {
-        return Ok(());
-    }
-    if c == 0 || !vc.is_multiple_of(c) || at >= vc / c {
-        return Err(Error::input(format!(
-            "{op}: {what} block {at} of width {c} is not inside ada of width {vc}"
-        )));
-    }
-    Ok(())
-}
+use dcdit_core::backend::check_ada_block as check_block;
 
 /// adaLN modulation `x * (1 + scale[s]) + shift[s]`.
 pub(crate) fn modulate(

@@ -10,7 +10,7 @@
 //!   never copying a transpose.
 
 use dcdit_core::backend::{Grid, Segments, Unary};
-use dcdit_core::backend_grad::{AdamW, GradBackend};
+use dcdit_core::backend_grad::{AdamW, AdamWScalars, GradBackend};
 use dcdit_core::{Error, Result};
 use rayon::prelude::*;
 
@@ -1220,20 +1220,14 @@ fn adamw_step(
     check_same("adamw_step", "param", param, "grad", grad)?;
     check_same("adamw_step", "param", param, "m", m)?;
     check_same("adamw_step", "param", param, "v", v)?;
-    if hp.step == 0 {
-        return Err(Error::input("adamw_step: step is 1-based, got 0"));
-    }
-    // Scalars as torch forms them: python doubles, rounded to f32 where they
-    // meet an f32 tensor.
-    let lr = hp.lr as f64;
-    let decay = (1.0 - lr * hp.weight_decay as f64) as f32;
-    let w1 = (1.0 - hp.beta1 as f64) as f32;
-    let b2 = hp.beta2;
-    let w2 = (1.0 - hp.beta2 as f64) as f32;
-    let bc1 = 1.0 - (hp.beta1 as f64).powf(hp.step as f64);
-    let bc2 = 1.0 - (hp.beta2 as f64).powf(hp.step as f64);
-    let neg_step = (-(lr / bc1)) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
+    let AdamWScalars {
+        decay,
+        w1,
+        b2,
+        w2,
+        neg_step,
+        bc2_sqrt,
+    } = hp.scalars()?;
     let eps = hp.eps;
     let ps = param.to_f32_cow();
     let gs = grad.to_f32_cow();

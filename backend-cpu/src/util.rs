@@ -1,7 +1,6 @@
 //! Shared helpers: parallel row loops, segment validation, the gemm wrapper,
 //! vectorisable reductions.
 
-use dcdit_core::{Error, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -138,34 +137,7 @@ where
         .for_each(|(i, chunk)| simd(|| f(i * rows_per, chunk)));
 }
 
-/// Validates packed-batch offsets against a row count: `seg[0] == 0`,
-/// non-decreasing, `seg[last] == rows`. Returns the number of samples.
-pub(crate) fn check_segments(op: &str, seg: &[usize], rows: usize) -> Result<usize> {
-    if seg.is_empty() {
-        return Err(Error::input(format!(
-            "{op}: segments must hold at least one offset (got an empty slice)"
-        )));
-    }
-    if seg[0] != 0 {
-        return Err(Error::input(format!(
-            "{op}: segments must start at 0, got {}",
-            seg[0]
-        )));
-    }
-    if let Some(w) = seg.windows(2).find(|w| w[1] < w[0]) {
-        return Err(Error::input(format!(
-            "{op}: segment offsets must be non-decreasing, found {} after {}",
-            w[1], w[0]
-        )));
-    }
-    let last = seg[seg.len() - 1];
-    if last != rows {
-        return Err(Error::input(format!(
-            "{op}: segments cover {last} rows but the tensor has {rows}"
-        )));
-    }
-    Ok(seg.len() - 1)
-}
+pub(crate) use dcdit_core::backend::check_segments;
 
 /// The sample owning `row` (the last `s` with `seg[s] <= row`, skipping empty
 /// segments). `row` must be `< seg[last]`.

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use dcdit_core::backend::{Backend, Grid, Segments, Unary};
-use dcdit_core::backend_grad::{AdamW, GradBackend};
+use dcdit_core::backend_grad::{AdamW, AdamWScalars, GradBackend};
 use dcdit_core::{Error, Result};
 
 use crate::engine::Buffer;
@@ -520,18 +520,14 @@ impl GradBackend for VulkanBackend {
         check_same("adamw_step", "param", param, "grad", grad)?;
         check_same("adamw_step", "param", param, "m", m)?;
         check_same("adamw_step", "param", param, "v", v)?;
-        if hp.step == 0 {
-            return Err(Error::input("adamw_step: step is 1-based, got 0"));
-        }
-        let lr = hp.lr as f64;
-        let decay = (1.0 - lr * hp.weight_decay as f64) as f32;
-        let w1 = (1.0 - hp.beta1 as f64) as f32;
-        let b2 = hp.beta2;
-        let w2 = (1.0 - hp.beta2 as f64) as f32;
-        let bc1 = 1.0 - (hp.beta1 as f64).powf(hp.step as f64);
-        let bc2 = 1.0 - (hp.beta2 as f64).powf(hp.step as f64);
-        let neg_step = (-(lr / bc1)) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
+        let AdamWScalars {
+            decay,
+            w1,
+            b2,
+            w2,
+            neg_step,
+            bc2_sqrt,
+        } = hp.scalars()?;
         let n = param.numel();
         let (po, mo, vo) = (self.out(n)?, self.out(n)?, self.out(n)?);
         if n > 0 {

@@ -132,44 +132,9 @@ pub(crate) enum Ew {
     Ema = 14,
 }
 
-pub(crate) fn check_segments(op: &str, seg: &[usize], rows: usize) -> Result<usize> {
-    if seg.is_empty() {
-        return Err(Error::input(format!(
-            "{op}: segments must hold at least one offset (got an empty slice)"
-        )));
-    }
-    if seg[0] != 0 {
-        return Err(Error::input(format!(
-            "{op}: segments must start at 0, got {}",
-            seg[0]
-        )));
-    }
-    if let Some(w) = seg.windows(2).find(|w| w[1] < w[0]) {
-        return Err(Error::input(format!(
-            "{op}: segment offsets must be non-decreasing, found {} after {}",
-            w[1], w[0]
-        )));
-    }
-    let last = seg[seg.len() - 1];
-    if last != rows {
-        return Err(Error::input(format!(
-            "{op}: segments cover {last} rows but the tensor has {rows}"
-        )));
-    }
-    Ok(seg.len() - 1)
-}
+pub(crate) use dcdit_core::backend::check_segments;
 
-pub(crate) fn check_block(op: &str, what: &str, at: usize, c: usize, vc: usize) -> Result<()> {
-    if c == 0 && vc == 0 {
-        return Ok(());
-    }
-    if c == 0 || !vc.is_multiple_of(c) || at >= vc / c {
-        return Err(Error::input(format!(
-            "{op}: {what} block {at} of width {c} is not inside ada of width {vc}"
-        )));
-    }
-    Ok(())
-}
+pub(crate) use dcdit_core::backend::check_ada_block as check_block;
 
 pub(crate) fn check_per_sample(
     op: &str,

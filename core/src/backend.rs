@@ -28,7 +28,8 @@
 //! }
 //! ```
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -76,6 +77,51 @@ pub type Segments<'a> = &'a [usize];
 /// Uniform segments `[0, len, 2 len, ...]` for `batch` samples of `len` rows.
 pub fn uniform_segments(batch: usize, len: usize) -> Vec<usize> {
     (0..=batch).map(|s| s * len).collect()
+}
+
+/// Validates packed-batch offsets against a row count: `seg[0] == 0`,
+/// non-decreasing, `seg[last] == rows`. Returns the number of samples. The
+/// backends check their `Segments` arguments with this, so all report the
+/// same errors.
+pub fn check_segments(op: &str, seg: &[usize], rows: usize) -> Result<usize> {
+    if seg.is_empty() {
+        return Err(Error::input(format!(
+            "{op}: segments must hold at least one offset (got an empty slice)"
+        )));
+    }
+    if seg[0] != 0 {
+        return Err(Error::input(format!(
+            "{op}: segments must start at 0, got {}",
+            seg[0]
+        )));
+    }
+    if let Some(w) = seg.windows(2).find(|w| w[1] < w[0]) {
+        return Err(Error::input(format!(
+            "{op}: segment offsets must be non-decreasing, found {} after {}",
+            w[1], w[0]
+        )));
+    }
+    let last = seg[seg.len() - 1];
+    if last != rows {
+        return Err(Error::input(format!(
+            "{op}: segments cover {last} rows but the tensor has {rows}"
+        )));
+    }
+    Ok(seg.len() - 1)
+}
+
+/// Checks that column block `at` (width `c`) lies inside a per-sample adaLN
+/// vector of width `vc` (`modulate`, `gated_add` and their backwards).
+pub fn check_ada_block(op: &str, what: &str, at: usize, c: usize, vc: usize) -> Result<()> {
+    if c == 0 && vc == 0 {
+        return Ok(());
+    }
+    if c == 0 || !vc.is_multiple_of(c) || at >= vc / c {
+        return Err(Error::input(format!(
+            "{op}: {what} block {at} of width {c} is not inside ada of width {vc}"
+        )));
+    }
+    Ok(())
 }
 
 /// Element-wise functions.

@@ -27,6 +27,47 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// The per-step scalars of an AdamW update, formed as torch forms them
+/// (python doubles, rounded to f32 where they meet an f32 tensor), so every
+/// backend applies the same rounded values:
+/// `p = p * decay; m += w1 (g - m); v = b2 v + w2 g^2;
+/// p += neg_step * m / (sqrt(v) / bc2_sqrt + eps)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// `1 - beta1` (the lerp weight of the first moment).
+    pub w1: f32,
+    /// `beta2`.
+    pub b2: f32,
+    /// `1 - beta2`.
+    pub w2: f32,
+    /// `-lr / (1 - beta1^step)`.
+    pub neg_step: f32,
+    /// `sqrt(1 - beta2^step)`.
+    pub bc2_sqrt: f32,
+}
+
+impl AdamW {
+    /// The update's scalars; an error for `step == 0` (steps are 1-based).
+    pub fn scalars(&self) -> Result<AdamWScalars> {
+        if self.step == 0 {
+            return Err(crate::Error::input("adamw_step: step is 1-based, got 0"));
+        }
+        let lr = self.lr as f64;
+        let bc1 = 1.0 - libm::pow(self.beta1 as f64, self.step as f64);
+        let bc2 = 1.0 - libm::pow(self.beta2 as f64, self.step as f64);
+        Ok(AdamWScalars {
+            decay: (1.0 - lr * self.weight_decay as f64) as f32,
+            w1: (1.0 - self.beta1 as f64) as f32,
+            b2: self.beta2,
+            w2: (1.0 - self.beta2 as f64) as f32,
+            neg_step: (-(lr / bc1)) as f32,
+            bc2_sqrt: libm::sqrt(bc2) as f32,
+        })
+    }
+}
+
 /// Backward and optimiser operations.
 pub trait GradBackend: Backend {
     /// `op(a) op(b)` where `op` transposes when the flag is set:
