@@ -253,6 +253,25 @@ pub trait Backend: Clone {
         scale_at: usize,
         seg: Segments,
     ) -> Result<Self::Tensor>;
+    /// LayerNorm (no affine) of each row followed by the adaLN modulation:
+    /// `layer_norm(x)[r] * (1 + scale[s]) + shift[s]`, as [`Backend::layer_norm`]
+    /// then [`Backend::modulate`]. The default composes the two; a backend
+    /// overrides it with a fused kernel that reads `x` once and writes once
+    /// (the pair is memory-bound and runs twice per DiT block). Overrides
+    /// must agree with the composition to rounding.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_modulate(
+        &self,
+        x: &Self::Tensor,
+        ada: &Self::Tensor,
+        shift_at: usize,
+        scale_at: usize,
+        seg: Segments,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        let h = self.layer_norm(x, eps)?;
+        self.modulate(&h, ada, shift_at, scale_at, seg)
+    }
     /// Gated residual `x[r] + gate[s] * y[r]`, `gate` the column block
     /// `gate_at` of `ada (S, n*c)`.
     fn gated_add(

@@ -342,8 +342,7 @@ impl DitBlock {
     ) -> Result<B::Tensor> {
         let comp = Component::MainNetwork;
         let ada = self.ada.forward(cx, silu_c, comp)?;
-        let h = cx.b.layer_norm(x, 1e-6)?;
-        let h = cx.b.modulate(&h, &ada, 0, 1, seg)?;
+        let h = cx.b.norm_modulate(x, &ada, 0, 1, seg, 1e-6)?;
         let qkv = self.qkv.forward(cx, &h, comp)?;
         let hd = self.d / self.heads;
         cx.flops
@@ -352,8 +351,7 @@ impl DitBlock {
         let a = self.proj.forward(cx, &a, comp)?;
         let mut x = cx.b.gated_add(x, &a, &ada, 2, seg)?;
         if let Some((fc1, fc2)) = &self.mlp {
-            let h = cx.b.layer_norm(&x, 1e-6)?;
-            let h = cx.b.modulate(&h, &ada, 3, 4, seg)?;
+            let h = cx.b.norm_modulate(&x, &ada, 3, 4, seg, 1e-6)?;
             let h = fc1.forward(cx, &h, comp)?;
             let h = cx.b.unary(&h, Unary::GeluTanh)?;
             let h = fc2.forward(cx, &h, comp)?;
@@ -394,8 +392,7 @@ impl FinalLayer {
     ) -> Result<B::Tensor> {
         let comp = Component::FinalLayer;
         let ada = self.ada.forward(cx, silu_c, comp)?;
-        let h = cx.b.layer_norm(x, 1e-6)?;
-        let h = cx.b.modulate(&h, &ada, 0, 1, seg)?;
+        let h = cx.b.norm_modulate(x, &ada, 0, 1, seg, 1e-6)?;
         self.linear.forward(cx, &h, comp)
     }
 }
