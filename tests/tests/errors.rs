@@ -165,6 +165,14 @@ fn nonsense_configs_name_the_field() {
         ("model: { mlp_ratio: 0.0 }", "model.mlp_ratio"),
         ("model: { name: Foo }", "model.name"),
         ("model: { name: DiT, patch_size: 3 }", "model.patch_size"),
+        (
+            "model: { class_embed_init_std: -1.0 }",
+            "model.class_embed_init_std",
+        ),
+        (
+            "model: { class_embed_init_std: .nan }",
+            "model.class_embed_init_std",
+        ),
         ("model: [1, 2]", "<yaml>"),
     ] {
         let e = config_err(yaml);

@@ -20,7 +20,8 @@ fn uniform(rng: &mut Rng, n: usize, bound: f64) -> Vec<f32> {
 /// SPEC 10 initial values of every registered parameter. Linear weights are
 /// Xavier-uniform with zero bias, the patch embedding Xavier on its flattened
 /// weight, other convolutions Kaiming-uniform (a = sqrt 5) with PyTorch's
-/// default bias, the class table and timestep MLP N(0, 0.02), adaLN and the
+/// default bias, the class table N(0, `model.class_embed_init_std`, 0.02 by default) and
+/// timestep MLP N(0, 0.02), adaLN and the
 /// final Linear zero, norms identity, the router's scorer bias -1.1, the
 /// cosine router's projections identity and its smoothing 1/9, the position
 /// table 2D sin-cos.
@@ -47,9 +48,10 @@ pub fn init_weights(spec: &ModelSpec, reg: &Registry, seed: u64) -> Result<Tenso
             } else {
                 vec![1.0; n]
             }
-        } else if name == "y_embedder.embedding_table.weight"
-            || (name.starts_with("t_embedder") && !is_bias)
-        {
+        } else if name == "y_embedder.embedding_table.weight" {
+            let std = spec.class_embed_init_std;
+            (0..n).map(|_| (rng.normal() * std) as f32).collect()
+        } else if name.starts_with("t_embedder") && !is_bias {
             (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
         } else if name == "hnet.routing_module.residual_scorer.3.bias" {
             vec![-1.1; n]
@@ -93,4 +95,34 @@ pub fn init_weights(spec: &ModelSpec, reg: &Registry, seed: u64) -> Result<Tenso
         m.insert(name, HostTensor::new(sh.clone(), data)?);
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// The class table's spread follows `model.class_embed_init_std`; the
+    /// rest of the initial weights do not depend on it.
+    #[test]
+    fn class_table_std_follows_config() {
+        let mut stds = Vec::new();
+        let mut others = Vec::new();
+        for std in [0.02, 1.0] {
+            let mut cfg = Config::default();
+            cfg.model.class_embed_init_std = std;
+            let spec = cfg.model_spec().unwrap();
+            let (_, reg) = crate::model::build(&spec);
+            let w = init_weights(&spec, &reg, 7).unwrap();
+            let t = w.get("y_embedder.embedding_table.weight").unwrap();
+            let v = &t.data;
+            let ms = v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / v.len() as f64;
+            stds.push(libm::sqrt(ms) / std);
+            others.push(w.get("t_embedder.mlp.0.weight").unwrap().data.clone());
+        }
+        for r in stds {
+            assert!((0.9..1.1).contains(&r), "sample std / requested = {r}");
+        }
+        assert_eq!(others[0], others[1]);
+    }
 }
