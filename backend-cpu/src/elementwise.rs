@@ -191,9 +191,37 @@ pub(crate) fn modulate(
     scale_at: usize,
     seg: Segments,
 ) -> Result<CpuTensor> {
-    let (_, c, vc) = check_per_sample("modulate", x, ada, seg)?;
-    check_block("modulate", "shift", shift_at, c, vc)?;
-    check_block("modulate", "scale", scale_at, c, vc)?;
+    modulate_rows("modulate", x, ada, shift_at, scale_at, seg, None)
+}
+
+/// LayerNorm (no affine) then adaLN modulation, in one pass over the rows:
+/// each row is read once and written once instead of twice each. The
+/// per-element arithmetic is that of `layer_norm` followed by `modulate`
+/// (same statistics, same rounding of the normalised value, no FMA), so the
+/// result is bitwise the composition's for f32 tensors.
+pub(crate) fn norm_modulate(
+    x: &CpuTensor,
+    ada: &CpuTensor,
+    shift_at: usize,
+    scale_at: usize,
+    seg: Segments,
+    eps: f32,
+) -> Result<CpuTensor> {
+    modulate_rows("norm_modulate", x, ada, shift_at, scale_at, seg, Some(eps))
+}
+
+fn modulate_rows(
+    op: &str,
+    x: &CpuTensor,
+    ada: &CpuTensor,
+    shift_at: usize,
+    scale_at: usize,
+    seg: Segments,
+    norm_eps: Option<f32>,
+) -> Result<CpuTensor> {
+    let (_, c, vc) = check_per_sample(op, x, ada, seg)?;
+    check_block(op, "shift", shift_at, c, vc)?;
+    check_block(op, "scale", scale_at, c, vc)?;
     let xs = x.to_f32_cow();
     let av = ada.to_f32_cow();
     let (xs, av) = (&*xs, &*av);
@@ -206,8 +234,19 @@ pub(crate) fn modulate(
                 let row = &av[s * vc..(s + 1) * vc];
                 let shift = &row[shift_at * c..(shift_at + 1) * c];
                 let scale = &row[scale_at * c..(scale_at + 1) * c];
-                for (((o, &v), &sh), &sc) in dst.iter_mut().zip(src).zip(shift).zip(scale) {
-                    *o = v * (1.0 + sc) + sh;
+                let (mean, inv) = match norm_eps {
+                    Some(eps) => crate::norm::layer_norm_stats(src, eps),
+                    None => (0.0, 1.0),
+                };
+                if norm_eps.is_some() {
+                    for (((o, &v), &sh), &sc) in dst.iter_mut().zip(src).zip(shift).zip(scale) {
+                        let h = (v - mean) * inv;
+                        *o = h * (1.0 + sc) + sh;
+                    }
+                } else {
+                    for (((o, &v), &sh), &sc) in dst.iter_mut().zip(src).zip(shift).zip(scale) {
+                        *o = v * (1.0 + sc) + sh;
+                    }
                 }
             });
         });

@@ -340,6 +340,20 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn norm_modulate(
+        &self,
+        x: &CpuTensor,
+        ada: &CpuTensor,
+        shift_at: usize,
+        scale_at: usize,
+        seg: Segments,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        self.run("norm_modulate", || {
+            elementwise::norm_modulate(x, ada, shift_at, scale_at, seg, eps)
+        })
+    }
+
     fn gated_add(
         &self,
         x: &CpuTensor,

@@ -180,13 +180,19 @@ fn map_rows(x: &CpuTensor, f: impl Fn(&[f32], &mut [f32]) + Sync + Send) -> CpuT
     CpuTensor::from_result(out, x.shape(), x.dtype())
 }
 
+/// A row's mean and `1 / sqrt(biased variance + eps)`: LayerNorm's
+/// statistics, shared by `layer_norm` and the fused `norm_modulate`.
+pub(crate) fn layer_norm_stats(src: &[f32], eps: f32) -> (f32, f32) {
+    let n = src.len() as f32;
+    let mean = sum(src) / n;
+    let var = sum_sq_dev(src, mean) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 /// LayerNorm over each row, no affine (biased variance).
 pub(crate) fn layer_norm(x: &CpuTensor, eps: f32) -> Result<CpuTensor> {
     Ok(map_rows(x, |src, dst| {
-        let n = src.len() as f32;
-        let mean = sum(src) / n;
-        let var = sum_sq_dev(src, mean) / n;
-        let inv = 1.0 / (var + eps).sqrt();
+        let (mean, inv) = layer_norm_stats(src, eps);
         for (o, &v) in dst.iter_mut().zip(src) {
             *o = (v - mean) * inv;
         }

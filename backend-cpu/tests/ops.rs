@@ -94,6 +94,14 @@ fn segments(rng: &mut Rng, n: usize, max_len: usize) -> Vec<usize> {
     seg
 }
 
+/// LayerNorm of one row (biased variance, no affine).
+fn ref_layer_norm(r: &[f64], eps: f64) -> Vec<f64> {
+    let c = r.len() as f64;
+    let mean = r.iter().sum::<f64>() / c;
+    let var = r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c;
+    r.iter().map(|v| (v - mean) / (var + eps).sqrt()).collect()
+}
+
 fn sample_of(seg: &[usize], r: usize) -> usize {
     (0..seg.len() - 1)
         .find(|&s| seg[s] <= r && r < seg[s + 1])
@@ -584,9 +592,7 @@ fn row_norms_match_reference() {
         let (mut ln, mut rms, mut l2) = (vec![], vec![], vec![]);
         for row in x.chunks(c) {
             let r = f64s(row);
-            let mean = r.iter().sum::<f64>() / c as f64;
-            let var = r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c as f64;
-            ln.extend(r.iter().map(|v| (v - mean) / (var + 1e-6).sqrt()));
+            ln.extend(ref_layer_norm(&r, 1e-6));
             let ms = r.iter().map(|v| v * v).sum::<f64>() / c as f64;
             rms.extend(
                 r.iter()
@@ -768,11 +774,39 @@ fn per_sample_broadcasts_match_reference() {
                 g.push(xv + blk(s, gate_at, j) * y[r * c + j] as f64);
             }
         }
+        // LayerNorm then modulation, in f64.
+        let ln: Vec<f64> = x
+            .chunks(c)
+            .flat_map(|row| ref_layer_norm(&f64s(row), 1e-6))
+            .collect();
+        let nm: Vec<f64> = (0..rows * c)
+            .map(|i| {
+                let (s, j) = (sample_of(&seg, i / c), i % c);
+                ln[i] * (1.0 + blk(s, scale_at, j)) + blk(s, shift_at, j)
+            })
+            .collect();
         let got_add = b.add_segment(&xt, &t(&v, &[samples, c]), &seg).unwrap();
         let got_m = b.modulate(&xt, &adat, shift_at, scale_at, &seg).unwrap();
         let got_g = b.gated_add(&xt, &yt, &adat, gate_at, &seg).unwrap();
+        let got_nm = b
+            .norm_modulate(&xt, &adat, shift_at, scale_at, &seg, 1e-6)
+            .unwrap();
+        // The fused kernel does the composition's arithmetic: bitwise equal.
+        let composed = b
+            .modulate(
+                &b.layer_norm(&xt, 1e-6).unwrap(),
+                &adat,
+                shift_at,
+                scale_at,
+                &seg,
+            )
+            .unwrap();
+        if host(&got_nm) != host(&composed) {
+            return TestResult::error("norm_modulate differs from layer_norm + modulate");
+        }
         res(close("add_segment", &host(&got_add), &add, 1e-6)
             .and(close("modulate", &host(&got_m), &m, 1e-6))
+            .and(close("norm_modulate", &host(&got_nm), &nm, 1e-5))
             .and(close("gated_add", &host(&got_g), &g, 1e-6)))
     }
     qc(50).quickcheck(prop as fn(u64, u8, u8, u8) -> TestResult);
@@ -808,6 +842,14 @@ fn per_sample_broadcasts_large_and_errors() {
     ));
     assert!(matches!(
         b.modulate(&xt, &adat, 0, 6, &seg),
+        Err(Error::Input(_))
+    ));
+    assert!(matches!(
+        b.norm_modulate(&xt, &adat, 0, 6, &seg, 1e-6),
+        Err(Error::Input(_))
+    ));
+    assert!(matches!(
+        b.norm_modulate(&xt, &adat, 0, 1, &[0, 400], 1e-6),
         Err(Error::Input(_))
     ));
     assert!(matches!(

@@ -839,6 +839,39 @@ impl Backend for VulkanBackend {
         self.segbcast(x, None, ada, seg, 1, shift_at, scale_at)
     }
 
+    fn norm_modulate(
+        &self,
+        x: &VkTensor,
+        ada: &VkTensor,
+        shift_at: usize,
+        scale_at: usize,
+        seg: Segments,
+        eps: f32,
+    ) -> Result<VkTensor> {
+        let (rows, c, vc) = check_per_sample("norm_modulate", x, ada, seg)?;
+        check_block("norm_modulate", "shift", shift_at, c, vc)?;
+        check_block("norm_modulate", "scale", scale_at, c, vc)?;
+        let out = self.out(rows * c)?;
+        if rows > 0 && c > 0 {
+            let sb = self.seg_buf(seg)?;
+            self.run(
+                "normmod",
+                &[&x.buf, &ada.buf, &sb, &out],
+                &[
+                    u(rows),
+                    u(c),
+                    u(vc),
+                    u(seg.len()),
+                    u(shift_at),
+                    u(scale_at),
+                    f(eps),
+                ],
+                groups_rows(rows),
+            )?;
+        }
+        self.finish(out, &x.shape, x.dtype)
+    }
+
     fn gated_add(
         &self,
         x: &VkTensor,

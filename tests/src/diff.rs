@@ -243,6 +243,8 @@ pub enum Op {
     Ste,
     AddSegment,
     Modulate,
+    /// LayerNorm then modulation, fused ([`dcdit_core::backend::Backend::norm_modulate`]).
+    NormModulate,
     GatedAdd,
     GatherRows,
     ScatterAddRows,
@@ -312,8 +314,8 @@ pub fn tolerance(op: Op) -> (f32, f32) {
         Cast => (4e-3, 1e-3),
         Unary(_) | Binary(_) | Affine | ScaleRows | Ste | AddSegment | Modulate | GatedAdd
         | GatherRows | Reshape | Full | AdamWStep | EmaUpdate | ScatterAddRows => (1e-5, 1e-3),
-        GroupNorm | LayerNorm | RmsNorm | L2Normalize | RowSum | SumSquares | DepthwiseConv3x3
-        | LayerNormBackward | L2NormalizeBackward | DechunkSmooth => (1e-5, 0.1),
+        GroupNorm | LayerNorm | NormModulate | RmsNorm | L2Normalize | RowSum | SumSquares
+        | DepthwiseConv3x3 | LayerNormBackward | L2NormalizeBackward | DechunkSmooth => (1e-5, 0.1),
         ColSum | SegmentSum | DepthwiseBackward | GroupNormBackward | RmsNormBackward
         | ModulateBackward | GatedAddBackward => (5e-5, 0.1),
         Linear | Conv2d | Matmul | Conv2dBackward => (2e-5, 0.1),
@@ -495,7 +497,7 @@ pub fn check_op<B: GradBackend>(dev: &B, op: Op, case: &Case) -> Result<f32, Str
             add(normal(&mut rng, tk * c, 1.0), vec![tk, c]);
             add(normal(&mut rng, s * c, 1.0), vec![s, c]);
         }
-        Modulate | GatedAdd | ModulateBackward | GatedAddBackward => {
+        Modulate | NormModulate | GatedAdd | ModulateBackward | GatedAddBackward => {
             add(normal(&mut rng, tk * c, 1.0), vec![tk, c]);
             add(normal(&mut rng, tk * c, 1.0), vec![tk, c]);
             add(normal(&mut rng, s * 3 * c, 0.5), vec![s, 3 * c]);
@@ -539,8 +541,16 @@ pub fn check_op<B: GradBackend>(dev: &B, op: Op, case: &Case) -> Result<f32, Str
         }
     }
     let groups = {
+        // At least 4 values per group (channels per group x pixels): with 2
+        // or 3 the GroupNorm gradient is a cancellation amplified by 1 / std
+        // of the group, unbounded when two values nearly coincide, so CPU and
+        // device differ by rounding noise x 1 / std (seen with
+        // DCDIT_DIFF_SEED=1 and 2 on 1x1 grids: 4e-4 and 1.6e-3).
         let cc = c * 2;
-        let opts: Vec<usize> = (1..=cc).filter(|g| cc.is_multiple_of(*g)).collect();
+        let px = grid.height * grid.width;
+        let opts: Vec<usize> = (1..=cc)
+            .filter(|g| cc.is_multiple_of(*g) && (cc / g) * px >= 4.min(cc * px))
+            .collect();
         opts[rng.below(opts.len())]
     };
     let inp = Inputs { t };
@@ -644,6 +654,7 @@ pub fn run_generic<B: GradBackend>(
         Ste => vec![b.ste(&t[0])?],
         AddSegment => vec![b.add_segment(&t[0], &t[1], seg)?],
         Modulate => vec![b.modulate(&t[0], &t[2], p.at0, p.at1, seg)?],
+        NormModulate => vec![b.norm_modulate(&t[0], &t[2], p.at0, p.at1, seg, 1e-6)?],
         GatedAdd => vec![b.gated_add(&t[0], &t[1], &t[2], p.at0, seg)?],
         GatherRows => vec![b.gather_rows(&t[0], p.idx)?],
         ScatterAddRows => {

@@ -106,6 +106,7 @@ fn diff_segment_and_index_ops() {
     run_ops(&[
         Op::AddSegment,
         Op::Modulate,
+        Op::NormModulate,
         Op::GatedAdd,
         Op::GatherRows,
         Op::ScatterAddRows,
