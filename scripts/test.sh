@@ -22,3 +22,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 RUSTFLAGS="-D warnings" cargo build -p dcdit-core --no-default-features --target-dir target/nostd
 cargo test --release -p dcdit-core --no-default-features --lib
 cargo test --workspace --release
+# The Vulkan backend's other paths on the same cases: device-local buffers
+# filled and read through staging copies (what a discrete GPU uses), and the
+# kernels without subgroup operations (devices that lack them).
+DCDIT_VK_STAGING=1 DCDIT_VK_NO_SUBGROUP=1 cargo test --release -p dcdit-tests --test differential --test differential_model

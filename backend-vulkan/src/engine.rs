@@ -930,6 +930,19 @@ impl Ctx {
     /// Name of the device.
     pub(crate) fn device_name(&self) -> String {
         let i = &self.dev.info;
-        format!("vulkan:{} ({}, {})", i.index, i.name, i.kind)
+        // The memory and kernel paths in use, so a log (and the tests that
+        // force the other paths through DCDIT_VK_STAGING / DCDIT_VK_NO_SUBGROUP)
+        // can tell which ran.
+        let mem = if self.dev.direct_map {
+            "mapped device memory"
+        } else {
+            "staging copies"
+        };
+        let sg = if self.subgroup {
+            "subgroup kernels"
+        } else {
+            "no subgroup kernels"
+        };
+        format!("vulkan:{} ({}, {}; {mem}, {sg})", i.index, i.name, i.kind)
     }
 }

@@ -36,7 +36,22 @@ pub fn vulkan() -> Option<VulkanBackend> {
             .unwrap_or(0);
         match VulkanBackend::new(dev) {
             Ok(b) => {
-                eprintln!("differential: using {}", b.name());
+                let name = b.name();
+                eprintln!("differential: using {name}");
+                // The forced paths must really be the ones under test.
+                let forced = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
+                if forced("DCDIT_VK_STAGING") {
+                    assert!(
+                        name.contains("staging copies"),
+                        "{name}: staging not in use"
+                    );
+                }
+                if forced("DCDIT_VK_NO_SUBGROUP") {
+                    assert!(
+                        name.contains("no subgroup"),
+                        "{name}: subgroup kernels in use"
+                    );
+                }
                 Some(b)
             }
             Err(e) => {
