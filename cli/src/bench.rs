@@ -46,6 +46,12 @@ pub enum Workload {
     TrainStep,
     /// Matrix multiply at the model's shapes and the machine peak.
     Gemm,
+    /// Forward of `--train-config` (the MNIST model, `--train-weights`) at
+    /// batch `--batch` on the Vulkan device `--device` next to the CPU
+    /// backend, with the largest output difference. Not in the default set:
+    /// without a GPU it runs on a software driver, where the figure only
+    /// shows the path works end to end.
+    Vulkan,
 }
 
 /// Arguments of `dcdit-cli bench`.
@@ -106,6 +112,9 @@ pub struct BenchArgs {
     /// The PyTorch bench script (default: bench/pytorch_bench.py of this repo).
     #[arg(long)]
     pub script: Option<PathBuf>,
+    /// Vulkan device of the `vulkan` workload (see `dcdit-cli devices`).
+    #[arg(long, default_value = "0")]
+    pub device: usize,
     /// Writes every figure (both sides, all runs) as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -238,6 +247,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 rust.insert("gemm".into(), g);
                 pytorch(json!({ "gemm": man }))?;
             }
+        }
+        if wants(Workload::Vulkan) {
+            rust.insert("vulkan".into(), vulkan_workload(&a, &backend)?);
         }
         if wants(Workload::TrainStep) {
             let (t, man) = train_workload(&a, &backend, files)?;
@@ -594,6 +606,72 @@ fn abs(p: &Path) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------
 
 const TRAIN_SEED: u64 = 7;
+
+/// The `vulkan` workload: the same forward (weights, inputs, kept tokens
+/// chosen by the router) on the CPU backend and on the Vulkan device.
+fn vulkan_workload(a: &BenchArgs, cpu_backend: &CpuBackend) -> Result<Value> {
+    let cfg = read_config(&a.train_config)?;
+    let spec = cfg.model_spec()?;
+    let weights = if a.train_weights == "init" {
+        let (_, reg) = model::build(&spec);
+        init_weights(&spec, &reg, cfg.training.seed)?
+    } else {
+        let ckpt = crate::util::read_tensors(Path::new(&a.train_weights))?;
+        dcdit_core::train::sampling_weights(&ckpt)
+    };
+    let vk = crate::util::vulkan(a.device)?;
+    let (x, t, y) = random_inputs(&spec, a.batch);
+    let batch = a.batch;
+    fn timed<B: Backend>(
+        a: &BenchArgs,
+        b: &B,
+        cfg: &Config,
+        w: &TensorMap,
+        (x, t, y): (&[f32], &[f32], &[u32]),
+        batch: usize,
+    ) -> Result<(Vec<f64>, Vec<f32>)> {
+        let m = Model::load(b, cfg, w)?;
+        let xt = m.input_from_nchw(b, x, batch)?;
+        let mut out = Vec::new();
+        let times = time_runs(a.warmup, a.iters, || {
+            let o = m.forward(b, &xt, t, y, &TailDrop::None)?;
+            out = m.output_to_nchw(b, &o.out, batch)?;
+            Ok(())
+        })?;
+        Ok((times, out))
+    }
+    let inputs = (&x[..], &t[..], &y[..]);
+    let (tc, oc) = timed(a, cpu_backend, &cfg, &weights, inputs, batch)?;
+    let (tv, ov) = timed(a, &vk, &cfg, &weights, inputs, batch)?;
+    let scale = oc
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let diff = oc
+        .iter()
+        .zip(&ov)
+        .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()))
+        / scale;
+    let (sc, sv) = (stats(&tc), stats(&tv));
+    println!(
+        "vulkan forward ({}, batch {batch}): {} {:.1} ms vs {} {:.1} ms (medians), ratio {:.2}; largest output difference {diff:.2e} of the output's scale",
+        a.train_config.display(),
+        vk.name(),
+        sv.median * 1e3,
+        cpu_backend.name(),
+        sc.median * 1e3,
+        sv.median / sc.median
+    );
+    Ok(json!({
+        "config": a.train_config.display().to_string(),
+        "batch": batch,
+        "device": vk.name(),
+        "vulkan_s": stats_json(&tv),
+        "cpu_s": stats_json(&tc),
+        "ratio": sv.median / sc.median,
+        "max_rel_diff": diff,
+    }))
+}
 
 fn train_workload(
     a: &BenchArgs,

@@ -86,6 +86,31 @@ fn bench_runs_every_workload_and_prints_its_table() {
     assert!(comps.iter().all(|c| c["seconds"].as_f64().unwrap() >= 0.0));
 }
 
+/// The Vulkan workload: the MNIST forward on the device next to the CPU,
+/// outputs within f32 rounding. Skipped without a device unless
+/// `DCDIT_REQUIRE_VULKAN=1` (as in CI, on lavapipe).
+#[test]
+fn bench_vulkan_forward_matches_cpu() {
+    let json = tmp("bench-vk.json");
+    let (ok, out, err) = bench(&["--workloads", "vulkan", "--json", json.to_str().unwrap()]);
+    if !ok
+        && err.contains("ulkan")
+        && std::env::var("DCDIT_REQUIRE_VULKAN").map_or(true, |v| v != "1")
+    {
+        eprintln!("SKIPPED (no Vulkan device): {err}");
+        return;
+    }
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("vulkan forward (configs/mnist.yaml, batch 2)"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let d = v["dcdit"]["vulkan"]["max_rel_diff"].as_f64().unwrap();
+    assert!(d < 1e-4, "Vulkan vs CPU forward: {d}");
+    assert!(v["dcdit"]["vulkan"]["vulkan_s"]["median"].as_f64().unwrap() > 0.0);
+}
+
 #[test]
 fn bench_without_python_says_what_to_install() {
     let (ok, out, err) = bench(&[
