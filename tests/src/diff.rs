@@ -347,6 +347,11 @@ pub fn abs_floor(op: Op, i: usize) -> f32 {
         // O(|g| / std) terms (exactly 0 for 2 channels): judged against
         // |g| / std ~ 0.5..1 here.
         (Op::LayerNormBackward, 0) => 1.0,
+        // The RMSNorm weight gradient sums g x / rms over every row; with one
+        // channel each term is +-g, so hundreds of O(1) terms cancel to a
+        // small total whose rounding (~sqrt(rows) 2^-24) is judged against 1
+        // (DCDIT_DIFF_SEED=70: 775 rows, error 9e-5 of a small total).
+        (Op::RmsNormBackward, 1) => 1.0,
         _ => 0.0,
     }
 }
