@@ -774,6 +774,19 @@ fn train_workload(
         Ok(())
     })?;
     let first = first.expect("at least one step");
+    // Where a step's time goes, by backend op: one more (untimed) step with
+    // the per-op profiler on.
+    backend.reset_op_profile();
+    backend.set_op_profiling(true);
+    trainer.rng = Rng::new(TRAIN_SEED);
+    let profiled = trainer.step(n_data, &mut source);
+    backend.set_op_profiling(false);
+    profiled?;
+    let ops = backend.op_profile();
+    println!(
+        "train-step per-op profile (one step):\n{}",
+        dcdit_backend_cpu::profile::format_table(&ops)
+    );
     let s = stats(&times);
     println!(
         "train-step {} ({}, {data_name}) | batch {batch} | {} steps/s | median {:.1} ms (min {:.1}, max {:.1}) | first step: loss {:.6}, grad norm {:.4}, kept {} of {} tokens",

@@ -62,6 +62,8 @@ fn bench_runs_every_workload_and_prints_its_table() {
         "forward f32, 25.00% kept",
         "forward f32, 6.25% kept",
         "train step, batch 2",
+        "train-step per-op profile",
+        "attention_backward",
         "forward bf16 vs PyTorch f32",
         "wall-time saving / FLOP saving",
         "GEMM at the model's shapes",
