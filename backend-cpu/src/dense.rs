@@ -5,7 +5,7 @@
 use dcdit_core::backend::Grid;
 use dcdit_core::{Error, Result};
 
-use crate::tensor::CpuTensor;
+use crate::tensor::{CpuTensor, Storage};
 use crate::util::{for_row_chunks, gemm_f32, Mat};
 
 /// Checks that an optional bias holds `m` elements and returns it as f32.
@@ -48,6 +48,27 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     }
     let m = w.shape()[0];
     let bias = bias_of("linear", b, m)?;
+    let mut shape = x.shape().to_vec();
+    match shape.last_mut() {
+        Some(last) => *last = m,
+        None => shape.push(m),
+    }
+    // bf16 input and weight: AMX tiles where the CPU has them (f32
+    // accumulation; see `amx`), no conversion of either operand to f32.
+    if let (Storage::BF16(xb), Storage::BF16(wb)) = (x.storage(), w.storage()) {
+        if crate::amx::available() {
+            let mut out = crate::pool::take(n * m);
+            crate::amx::gemm_bf16(n, m, k, xb, wb, &mut out);
+            if let Some(bias) = bias.as_deref() {
+                for row in out.chunks_exact_mut(m) {
+                    for (o, &b) in row.iter_mut().zip(bias) {
+                        *o += b;
+                    }
+                }
+            }
+            return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
+        }
+    }
     let xs = x.to_f32_cow();
     let ws = w.to_f32_cow();
     let mut out = crate::pool::take(n * m);
@@ -76,11 +97,6 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
             1.0,
             true,
         );
-    }
-    let mut shape = x.shape().to_vec();
-    match shape.last_mut() {
-        Some(last) => *last = m,
-        None => shape.push(m),
     }
     Ok(CpuTensor::from_result(out, &shape, x.dtype()))
 }

@@ -36,6 +36,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod amx;
 mod attention;
 mod dechunk;
 mod dense;

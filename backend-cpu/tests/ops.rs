@@ -351,6 +351,43 @@ fn reduced_precision_round_trip() {
     }
 }
 
+/// bf16 input and weight (the AMX tile path where the CPU has it, the f32
+/// path otherwise): against the f64 product of the same bf16 values, within
+/// the output's bf16 rounding (2^-8 relative) plus f32 accumulation.
+#[test]
+fn linear_bf16_matches_reference() {
+    fn prop(seed: u64, n: u8, k: u8, m: u8, bias: bool) -> TestResult {
+        let (n, k, m) = (n as usize % 70, k as usize % 100 + 1, m as usize % 70 + 1);
+        let mut rng = Rng(seed);
+        let (x, w, bv) = (rng.vec(n * k), rng.vec(m * k), rng.vec(m));
+        let b = be();
+        let xb = b.cast(&t(&x, &[n, k]), DType::BF16).unwrap();
+        let wb = b.cast(&t(&w, &[m, k]), DType::BF16).unwrap();
+        let bt = bias.then(|| t(&bv, &[m]));
+        let y = b.linear(&xb, &wb, bt.as_ref()).unwrap();
+        if b.dtype(&y) != DType::BF16 || b.shape(&y) != vec![n, m] {
+            return TestResult::error(format!("{:?} {:?}", b.dtype(&y), b.shape(&y)));
+        }
+        let (xr, wr) = (host(&xb), host(&wb));
+        let want = ref_linear(&xr, &wr, bias.then_some(&bv[..]), n, k, m);
+        // |x| |w| summed bounds the accumulation error of each output.
+        let got = host(&y);
+        for i in 0..n {
+            for j in 0..m {
+                let mag: f64 = (0..k)
+                    .map(|p| (xr[i * k + p] as f64 * wr[j * k + p] as f64).abs())
+                    .sum();
+                let (g, w) = (got[i * m + j] as f64, want[i * m + j]);
+                if (g - w).abs() > w.abs() / 256.0 + 1e-6 * (1.0 + mag) {
+                    return TestResult::error(format!("({n},{k},{m}) [{i},{j}]: {g} vs {w}"));
+                }
+            }
+        }
+        TestResult::passed()
+    }
+    qc(60).quickcheck(prop as fn(u64, u8, u8, u8, bool) -> TestResult);
+}
+
 #[test]
 fn linear_matches_reference() {
     fn prop(seed: u64, n: u8, k: u8, m: u8, bias: bool) -> TestResult {
