@@ -69,7 +69,7 @@ impl Storage {
             }
             Storage::BF16(v) => {
                 let mut out = crate::pool::take(v.len());
-                v.as_slice().convert_to_f32_slice(&mut out);
+                bf16_to_f32(v, &mut out);
                 Cow::Owned(out)
             }
         }
@@ -86,10 +86,55 @@ impl Storage {
             }
             DType::BF16 => {
                 let mut out = vec![bf16::ZERO; data.len()];
-                out.as_mut_slice().convert_from_f32_slice(&data);
+                f32_to_bf16(&data, &mut out);
+                crate::pool::give(data);
                 Storage::BF16(out)
             }
         }
+    }
+}
+
+/// Elements per parallel chunk of the bf16 conversions.
+const CONVERT_CHUNK: usize = 1 << 15;
+
+/// bf16 → f32 (exact: the bf16 bits are the f32's upper half). A plain
+/// shift per element, which the compiler vectorises, in parallel chunks:
+/// bf16 activations convert at every op, so this runs on every tensor.
+pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
+    use rayon::prelude::*;
+    let f = |(s, d): (&[bf16], &mut [f32])| {
+        for (o, &v) in d.iter_mut().zip(s) {
+            *o = f32::from_bits((v.to_bits() as u32) << 16);
+        }
+    };
+    if src.len() > CONVERT_CHUNK {
+        src.par_chunks(CONVERT_CHUNK)
+            .zip(dst.par_chunks_mut(CONVERT_CHUNK))
+            .for_each(f);
+    } else {
+        f((src, dst));
+    }
+}
+
+/// f32 → bf16, round to nearest even, NaN kept quiet: bitwise what
+/// `bf16::from_f32` does, written branch-free so it vectorises.
+pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
+    use rayon::prelude::*;
+    let f = |(s, d): (&[f32], &mut [bf16])| {
+        for (o, &x) in d.iter_mut().zip(s) {
+            let u = x.to_bits();
+            let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
+            let nan = ((u >> 16) as u16) | 0x0040;
+            let is_nan = u & 0x7FFF_FFFF > 0x7F80_0000;
+            *o = bf16::from_bits(if is_nan { nan } else { rounded });
+        }
+    };
+    if src.len() > CONVERT_CHUNK {
+        src.par_chunks(CONVERT_CHUNK)
+            .zip(dst.par_chunks_mut(CONVERT_CHUNK))
+            .for_each(f);
+    } else {
+        f((src, dst));
     }
 }
 
@@ -198,6 +243,54 @@ impl CpuTensor {
         match self.shape.split_last() {
             None => (1, 1),
             Some((&c, rest)) => (rest.iter().product(), c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod convert_tests {
+    use super::*;
+
+    /// The fast conversions are bitwise `half`'s on every class of value.
+    #[test]
+    fn bf16_conversions_match_half() {
+        let mut bits: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0000,
+            0x7F80_0001,
+            0xFFFF_FFFF,
+            0x7F7F_FFFF,
+            0x0000_0001,
+            0x807F_FFFF,
+            0x3F80_8000,
+            0x3F81_8000,
+            0x3F80_8001,
+        ];
+        let mut s = 0x1234_5678_9abc_def0u64;
+        for _ in 0..200_000 {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            bits.push((s >> 32) as u32);
+        }
+        let xs: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut got = vec![bf16::ZERO; xs.len()];
+        f32_to_bf16(&xs, &mut got);
+        for (g, &x) in got.iter().zip(&xs) {
+            assert_eq!(
+                g.to_bits(),
+                bf16::from_f32(x).to_bits(),
+                "{:#x}",
+                x.to_bits()
+            );
+        }
+        let mut back = vec![0.0f32; got.len()];
+        bf16_to_f32(&got, &mut back);
+        for (b, g) in back.iter().zip(&got) {
+            assert_eq!(b.to_bits(), g.to_f32().to_bits());
         }
     }
 }

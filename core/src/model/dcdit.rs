@@ -166,12 +166,29 @@ impl DcDit {
         let pe = cx.b.gather_rows(&table, &pos)?;
         let mut z = cx.b.binary(&hc, &pe, Binary::Add)?;
 
-        // Main network on the packed kept tokens.
+        // Main network on the packed kept tokens. Mixed precision follows
+        // the parameters: the main network computes in its own parameters'
+        // dtype (e.g. bf16, where most FLOPs are), the encoder, router and
+        // decoder in theirs (f32 keeps the discrete routing decisions off
+        // 16-bit rounding); the activations are cast at the two borders.
         cx.enter(Component::MainNetwork);
+        let outer = cx.b.dtype(&z);
+        let inner = self.main_norm.dtype(cx);
+        let main_c;
+        let silu_main = if inner != outer {
+            z = cx.b.cast(&z, inner)?;
+            main_c = cx.b.cast(&silu_c, inner)?;
+            &main_c
+        } else {
+            &silu_c
+        };
         for blk in &self.blocks {
-            z = blk.forward(cx, &z, &silu_c, &seg)?;
+            z = blk.forward(cx, &z, silu_main, &seg)?;
         }
-        let z = self.main_norm.forward(cx, &z)?;
+        let mut z = self.main_norm.forward(cx, &z)?;
+        if inner != outer {
+            z = cx.b.cast(&z, outer)?;
+        }
 
         // De-chunk: smoothing among kept tokens, then nearest plug-back.
         cx.enter(Component::Dechunk);

@@ -125,6 +125,10 @@ impl RmsNorm {
             w: reg.param(&format!("{prefix}.weight"), &[c], ParamLayout::Plain),
         }
     }
+    /// The dtype of the weight (the main network's compute dtype).
+    pub fn dtype<B: Backend>(&self, cx: &Ctx<B>) -> crate::backend::DType {
+        cx.b.dtype(cx.p.get(self.w))
+    }
     /// Normalises each row.
     pub fn forward<B: Backend>(&self, cx: &mut Ctx<B>, x: &B::Tensor) -> Result<B::Tensor> {
         cx.b.rms_norm(x, cx.p.get(self.w), 1e-5)
