@@ -15,7 +15,7 @@
 //!   of the packed B holds, for every output column `j`, the two bf16
 //!   `W[j][2p], W[j][2p+1]` as one 32-bit word. Since W's rows are contiguous
 //!   along k, this is a transpose of 32-bit words.
-//! * Each task owns a block of [`MC`] rows by [`NC`] columns; within it a
+//! * Each task owns a block of `MC` rows by `NC` columns; within it a
 //!   32x32 output block is 4 accumulator tiles (tmm4-7) fed by 2 A tiles
 //!   (tmm0-1) and 2 B tiles (tmm2-3) per 32-wide slice of k. The A block
 //!   (`MC x k`) and B panel (`k x NC`) stay in the core's L2 across the block.
