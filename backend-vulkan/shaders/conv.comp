@@ -1,4 +1,9 @@
+// variants: subgroup
 #version 450
+#ifdef SUBGROUP
+#extension GL_KHR_shader_subgroup_basic : enable
+#extension GL_KHR_shader_subgroup_shuffle : enable
+#endif
 #extension GL_EXT_control_flow_attributes : enable
 // Stride-1 "same" convolution on NHWC rows as an implicit GEMM: the A
 // operand (rows, k*k*cin) is the im2col matrix, formed on the fly while the
@@ -25,7 +30,7 @@ float loadB(uint p, uint j) { return w[j * pc.K + p]; }
 void main() {
     float acc[4][4];
     gemm_tile(pc.M, pc.N, pc.K, true, true, acc);
-    uint lid = gl_LocalInvocationIndex;
+    uint lid = gemm_thread();
     uint tx = lid % 16u, ty = lid / 16u;
     uint m0 = gl_WorkGroupID.y * BM, n0 = gl_WorkGroupID.x * BN;
     [[unroll]] for (uint i = 0; i < 4; i++) {

@@ -1,4 +1,9 @@
+// variants: subgroup
 #version 450
+#ifdef SUBGROUP
+#extension GL_KHR_shader_subgroup_basic : enable
+#extension GL_KHR_shader_subgroup_shuffle : enable
+#endif
 #extension GL_EXT_control_flow_attributes : enable
 // General strided matmul (linear, matmul with transposes, conv weight grads).
 layout(local_size_x = 256) in;
@@ -15,7 +20,7 @@ float loadB(uint p, uint j) { return b[p * pc.b_rs + j * pc.b_cs]; }
 void main() {
     float acc[4][4];
     gemm_tile(pc.M, pc.N, pc.K, pc.a_cs == 1u, pc.b_rs == 1u, acc);
-    uint lid = gl_LocalInvocationIndex;
+    uint lid = gemm_thread();
     uint tx = lid % 16u, ty = lid / 16u;
     uint m0 = gl_WorkGroupID.y * BM, n0 = gl_WorkGroupID.x * BN;
     [[unroll]] for (uint i = 0; i < 4; i++) {

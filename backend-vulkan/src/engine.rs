@@ -38,7 +38,8 @@ pub struct DeviceInfo {
     pub kind: String,
     /// Vulkan API version `major.minor.patch`.
     pub api: String,
-    /// Subgroup size, and whether subgroup arithmetic is usable in compute.
+    /// Subgroup size, and whether subgroup arithmetic and shuffles are usable
+    /// in compute (the `_sg` kernel variants need both).
     pub subgroup_size: u32,
     /// Subgroup arithmetic in compute shaders.
     pub subgroup_arithmetic: bool,
@@ -123,7 +124,9 @@ fn describe(instance: &ash::Instance, pds: &[vk::PhysicalDevice]) -> Vec<PhysInf
             }
             let subgroup_arithmetic = sg.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
                 && sg.supported_operations.contains(
-                    vk::SubgroupFeatureFlags::ARITHMETIC | vk::SubgroupFeatureFlags::BASIC,
+                    vk::SubgroupFeatureFlags::ARITHMETIC
+                        | vk::SubgroupFeatureFlags::BASIC
+                        | vk::SubgroupFeatureFlags::SHUFFLE,
                 )
                 && sg.subgroup_size >= 4;
             PhysInfo {
