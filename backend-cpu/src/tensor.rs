@@ -101,41 +101,36 @@ const CONVERT_CHUNK: usize = 1 << 15;
 /// shift per element, which the compiler vectorises, in parallel chunks:
 /// bf16 activations convert at every op, so this runs on every tensor.
 pub(crate) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
+    par_convert(src, dst, |v| f32::from_bits((v.to_bits() as u32) << 16));
+}
+
+/// `dst[i] = f(src[i])`, in parallel chunks of [`CONVERT_CHUNK`] when large.
+fn par_convert<S: Copy + Sync, D: Send>(src: &[S], dst: &mut [D], f: impl Fn(S) -> D + Sync) {
     use rayon::prelude::*;
-    let f = |(s, d): (&[bf16], &mut [f32])| {
+    let run = |(s, d): (&[S], &mut [D])| {
         for (o, &v) in d.iter_mut().zip(s) {
-            *o = f32::from_bits((v.to_bits() as u32) << 16);
+            *o = f(v);
         }
     };
     if src.len() > CONVERT_CHUNK {
         src.par_chunks(CONVERT_CHUNK)
             .zip(dst.par_chunks_mut(CONVERT_CHUNK))
-            .for_each(f);
+            .for_each(run);
     } else {
-        f((src, dst));
+        run((src, dst));
     }
 }
 
 /// f32 → bf16, round to nearest even, NaN kept quiet: bitwise what
 /// `bf16::from_f32` does, written branch-free so it vectorises.
 pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
-    use rayon::prelude::*;
-    let f = |(s, d): (&[f32], &mut [bf16])| {
-        for (o, &x) in d.iter_mut().zip(s) {
-            let u = x.to_bits();
-            let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
-            let nan = ((u >> 16) as u16) | 0x0040;
-            let is_nan = u & 0x7FFF_FFFF > 0x7F80_0000;
-            *o = bf16::from_bits(if is_nan { nan } else { rounded });
-        }
-    };
-    if src.len() > CONVERT_CHUNK {
-        src.par_chunks(CONVERT_CHUNK)
-            .zip(dst.par_chunks_mut(CONVERT_CHUNK))
-            .for_each(f);
-    } else {
-        f((src, dst));
-    }
+    par_convert(src, dst, |x: f32| {
+        let u = x.to_bits();
+        let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
+        let nan = ((u >> 16) as u16) | 0x0040;
+        let is_nan = u & 0x7FFF_FFFF > 0x7F80_0000;
+        bf16::from_bits(if is_nan { nan } else { rounded })
+    });
 }
 
 /// A host tensor: a shape and a shared, immutable buffer. Cloning and

@@ -95,13 +95,26 @@ pub fn run_forward_case_on<B: Backend>(
     backend: &B,
     tail: Option<TailDrop>,
 ) -> CaseOutput {
+    run_forward_case_with(dir, backend, tail, |_| {})
+}
+
+/// [`run_forward_case_on`] with `prepare` applied to the loaded model first
+/// (e.g. casting some parameters to another dtype).
+pub fn run_forward_case_with<B: Backend>(
+    dir: &Path,
+    backend: &B,
+    tail: Option<TailDrop>,
+    prepare: impl FnOnce(&mut Model<B>),
+) -> CaseOutput {
     let cfg =
         Config::from_yaml_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
     let w = read_map(&dir.join("weights.safetensors"));
     let inp = read_map(&dir.join("input.safetensors"));
     let tail = tail
         .unwrap_or_else(|| tail_drop_of(&std::fs::read_to_string(dir.join("case.json")).unwrap()));
-    let model = Model::load(backend, &cfg, &w).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut model =
+        Model::load(backend, &cfg, &w).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    prepare(&mut model);
     let t = &inp.get("t").unwrap().data;
     let y: Vec<u32> = inp
         .get("y")

@@ -57,45 +57,24 @@ fn thread_count_does_not_change_results() {
 fn main_network_in_bf16_keeps_routing_exact() {
     use dcdit_backend_cpu::CpuBackend;
     use dcdit_core::backend::DType;
-    use dcdit_core::config::Config;
-    use dcdit_core::model::{Model, TailDrop};
     use dcdit_core::Backend;
     let dir = repo_root().join("tests/golden/forward/pred_sq8");
     let b = CpuBackend::with_threads(2);
     let f32_run = run_forward_case_on(&dir, &b, None);
-    let cfg =
-        Config::from_yaml_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
-    let w = read_map(&dir.join("weights.safetensors"));
-    let inp = read_map(&dir.join("input.safetensors"));
-    let mut model = Model::load(&b, &cfg, &w).unwrap();
-    let infos = model.params.registry.infos.clone();
     let mut cast = 0;
-    for (p, info) in model.params.tensors.iter_mut().zip(&infos) {
-        if info.name.starts_with("hnet.main_network.") {
-            *p = b.cast(p, DType::BF16).unwrap();
-            cast += 1;
+    let mixed = run_forward_case_with(&dir, &b, None, |model| {
+        let infos = model.params.registry.infos.clone();
+        for (p, info) in model.params.tensors.iter_mut().zip(&infos) {
+            if info.name.starts_with("hnet.main_network.") {
+                *p = b.cast(p, DType::BF16).unwrap();
+                cast += 1;
+            }
         }
-    }
+    });
     assert!(cast > 0);
-    let t = &inp.get("t").unwrap().data;
-    let y: Vec<u32> = inp
-        .get("y")
-        .unwrap()
-        .data
-        .iter()
-        .map(|v| *v as u32)
-        .collect();
-    let x = model
-        .input_from_nchw(&b, &inp.get("x").unwrap().data, t.len())
-        .unwrap();
-    let res = model.forward(&b, &x, t, &y, &TailDrop::None).unwrap();
-    assert_eq!(b.dtype(&res.out), DType::F32, "the output leaves in f32");
-    let out = model.output_to_nchw(&b, &res.out, t.len()).unwrap();
-    let r = res.routing.unwrap();
-    assert_eq!(r.boundary_prob, f32_run.boundary_prob);
-    let mask: Vec<f32> = r.mask.iter().map(|&m| m as u8 as f32).collect();
-    assert_eq!(mask, f32_run.boundary_mask);
-    let (_, rel) = errors(&out, &f32_run.out);
+    assert_eq!(mixed.boundary_prob, f32_run.boundary_prob);
+    assert_eq!(mixed.boundary_mask, f32_run.boundary_mask);
+    let (_, rel) = errors(&mixed.out, &f32_run.out);
     assert!(rel > 0.0 && rel < 2e-2, "bf16 main network: rel err {rel}");
     eprintln!("bf16 main network: output rel err {rel:.2e} vs f32");
 }
