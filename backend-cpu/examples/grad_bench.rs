@@ -89,5 +89,38 @@ fn main() -> dcdit_core::Result<()> {
         2.0 * (tt * d * d) as f64 * 1e-6 / mm,
         2.0 * (tt * d * d) as f64 * 1e-6 / mmt
     );
+
+    // The shipped MNIST training config: 32 samples of 28x28, D 64 (4 heads of
+    // 16), ~196 kept tokens per sample, encoder width 128.
+    let (segs, len, d, heads, side) = (32, 196, 64, 4, 28);
+    let seg = uniform_segments(segs, len);
+    let tt = segs * len;
+    let qkv = t(data(tt * 3 * d, 9), &[tt, 3 * d])?;
+    let go = t(data(tt * d, 10), &[tt, d])?;
+    let fwd = time(15, || b.attention(&qkv, heads, &seg).unwrap());
+    let bwd = time(15, || b.attention_backward(&qkv, heads, &seg, &go).unwrap());
+    let gflop = (segs * 2 * len * len * d) as f64 * 1e-9;
+    println!(
+        "mnist attention ({segs} x {len} rows, d {d}, {heads} heads): forward {fwd:.2} ms ({:.1} GFLOP/s), backward {bwd:.2} ms ({:.1} GFLOP/s)",
+        2.0 * gflop / fwd * 1e3,
+        5.0 * gflop / bwd * 1e3
+    );
+    // Kept positions: every 4th raster position, so windows span many rows.
+    let pos: Vec<u32> = (0..segs)
+        .flat_map(|_| (0..len).map(|i| (i * side * side / len) as u32))
+        .collect();
+    let h = t(data(tt * d, 11), &[tt, d])?;
+    let p = t(
+        data(tt, 12).iter().map(|v| 0.5 + 0.45 * v).collect(),
+        &[tt, 1],
+    )?;
+    let fwd = time(15, || {
+        b.dechunk_smooth(&h, &p, &pos, side, 1.0, &seg).unwrap()
+    });
+    let bwd = time(15, || {
+        b.dechunk_smooth_backward(&h, &p, &pos, side, 1.0, &seg, &go)
+            .unwrap()
+    });
+    println!("mnist dechunk_smooth ({segs} x {len} rows, d {d}): forward {fwd:.2} ms, backward {bwd:.2} ms");
     Ok(())
 }

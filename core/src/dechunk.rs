@@ -130,6 +130,50 @@ impl KernelTable {
         pos.partition_point(|&x| (x as usize) < lo)..pos.partition_point(|&x| (x as usize) < hi)
     }
 
+    /// Calls `f(j, K(pos_i, pos_j))` for every `j` in `js` whose kernel weight
+    /// is non-zero, in increasing `j`: exactly the values of [`Self::get`] in
+    /// the same order. For sorted positions the rows and columns of the `j`
+    /// are tracked incrementally instead of by two integer divisions per
+    /// pair, which dominated the smoothing's time.
+    #[inline]
+    fn for_each(
+        &self,
+        i: usize,
+        pos: &[u32],
+        js: core::ops::Range<usize>,
+        sorted: bool,
+        mut f: impl FnMut(usize, f32),
+    ) {
+        if !(sorted && self.zero_after) || js.is_empty() {
+            for j in js {
+                let k = self.get(pos[i], pos[j]);
+                if k != 0.0 {
+                    f(j, k);
+                }
+            }
+            return;
+        }
+        let w = self.width;
+        let (ri, ci) = ((pos[i] as usize / w) as i64, (pos[i] as usize % w) as i64);
+        let mut row = pos[js.start] as usize / w;
+        let mut row_start = row * w;
+        for j in js {
+            let pj = pos[j] as usize;
+            while pj >= row_start + w {
+                row += 1;
+                row_start += w;
+            }
+            let (dr, dc) = (row as i64 - ri, (pj - row_start) as i64 - ci);
+            let d2 = (dr * dr + dc * dc) as usize;
+            if d2 < self.len {
+                let k = self.tab[d2];
+                if k != 0.0 {
+                    f(j, k);
+                }
+            }
+        }
+    }
+
     #[inline]
     fn get(&self, a: u32, b: u32) -> f32 {
         let w = self.width;
@@ -187,12 +231,11 @@ fn row_sum(
     pos: &[u32],
     tab: &KernelTable,
     js: core::ops::Range<usize>,
+    sorted: bool,
 ) -> f32 {
     let mut s = 0f64;
-    for (&pj, &posj) in p[js.clone()].iter().zip(&pos[js]) {
-        let w = tab.get(pos[i], posj) * clamp_p(pj);
-        s += w as f64;
-    }
+    // Zero weights are skipped: adding +0.0 leaves the (non-negative) sum as is.
+    tab.for_each(i, pos, js, sorted, |j, k| s += (k * clamp_p(p[j])) as f64);
     (s as f32) + NORM_EPS
 }
 
@@ -250,16 +293,12 @@ fn smooth_impl(
     let sorted = windowed && is_sorted(pos);
     for i in 0..p.len() {
         let js = tab.window(i, pos, sorted);
-        let s = row_sum(i, p, pos, &tab, js.clone());
+        let s = row_sum(i, p, pos, &tab, js.clone(), sorted);
         let oi = &mut out[i * dim..(i + 1) * dim];
         oi.fill(0.0);
-        for j in js {
-            let hj = &h[j * dim..(j + 1) * dim];
-            let k = tab.get(pos[i], pos[j]);
-            if k != 0.0 {
-                axpy(k * clamp_p(p[j]) / s, hj, oi);
-            }
-        }
+        tab.for_each(i, pos, js, sorted, |j, k| {
+            axpy(k * clamp_p(p[j]) / s, &h[j * dim..(j + 1) * dim], oi)
+        });
         let ci = clamp_p(p[i]);
         let hi = &h[i * dim..(i + 1) * dim];
         for (o, &x) in oi.iter_mut().zip(hi) {
@@ -337,32 +376,23 @@ fn smooth_backward_impl(
     let sorted = windowed && is_sorted(pos);
     for i in 0..m {
         let js = tab.window(i, pos, sorted);
-        let s = row_sum(i, p, pos, &tab, js.clone());
+        let s = row_sum(i, p, pos, &tab, js.clone(), sorted);
         let ci = clamp_p(p[i]);
         let gi = &grad_out[i * dim..(i + 1) * dim];
         // gamma_i = g_i . s_i = sum_j a_ij (g_i . h_j), first pass.
         let mut gamma = 0f64;
-        for j in js.clone() {
-            let k = tab.get(pos[i], pos[j]);
-            if k == 0.0 {
-                continue;
-            }
+        tab.for_each(i, pos, js.clone(), sorted, |j, k| {
             let a = k * clamp_p(p[j]) / s;
             gamma += (a as f64) * (dot(gi, &h[j * dim..(j + 1) * dim]) as f64);
-        }
+        });
         let gamma = gamma as f32;
         let f = (1.0 - ci) / s;
-        for j in js {
-            let k = tab.get(pos[i], pos[j]);
-            if k == 0.0 {
-                continue;
-            }
-            let hj = &h[j * dim..(j + 1) * dim];
-            let d = dot(gi, hj);
+        tab.for_each(i, pos, js, sorted, |j, k| {
+            let d = dot(gi, &h[j * dim..(j + 1) * dim]);
             grad_p[j] += f * k * (d - gamma);
             let cj = clamp_p(p[j]);
             axpy(cj * k * f, gi, &mut grad_h[j * dim..(j + 1) * dim]);
-        }
+        });
         // dL/dc_i through the gate: g_i . (h_i - s_i).
         grad_p[i] += dot(gi, &h[i * dim..(i + 1) * dim]) - gamma;
     }
