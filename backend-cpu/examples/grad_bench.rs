@@ -41,9 +41,19 @@ fn main() -> dcdit_core::Result<()> {
         .unwrap_or(0);
     let b = CpuBackend::with_threads(threads);
     println!("{}", b.name());
+
+    // DCDIT_GRAD_BENCH=mnist runs only the MNIST shapes.
+    let only_mnist = std::env::var("DCDIT_GRAD_BENCH").is_ok_and(|v| v == "mnist");
+    if !only_mnist {
+        dcdit_b_shapes(&b)?;
+    }
+    mnist_shapes(&b)
+}
+
+/// DC-DiT-B's shapes (batch 8, 32x32, E 192, D 768, 12 heads, 256 kept).
+fn dcdit_b_shapes(b: &CpuBackend) -> dcdit_core::Result<()> {
     let t =
         |v: Vec<f32>, shape: &[usize]| -> dcdit_core::Result<CpuTensor> { b.from_f32(&v, shape) };
-
     let grid = Grid {
         batch: 8,
         height: 32,
@@ -89,7 +99,13 @@ fn main() -> dcdit_core::Result<()> {
         2.0 * (tt * d * d) as f64 * 1e-6 / mm,
         2.0 * (tt * d * d) as f64 * 1e-6 / mmt
     );
+    Ok(())
+}
 
+/// The shipped MNIST training config's shapes.
+fn mnist_shapes(b: &CpuBackend) -> dcdit_core::Result<()> {
+    let t =
+        |v: Vec<f32>, shape: &[usize]| -> dcdit_core::Result<CpuTensor> { b.from_f32(&v, shape) };
     // The shipped MNIST training config: 32 samples of 28x28, D 64 (4 heads of
     // 16), ~196 kept tokens per sample, encoder width 128.
     let (segs, len, d, heads, side) = (32, 196, 64, 4, 28);
