@@ -1,6 +1,8 @@
 //! Compiles `shaders/*.comp` (GLSL) to SPIR-V with `glslc` into `OUT_DIR`
-//! and writes `shaders.rs`, a table of `(name, bytes)` the crate embeds with
-//! `include_bytes!`. Shaders whose first line is `// variants: subgroup` are
+//! and writes `shaders.rs`, a table of `(name, bytes, written)` the crate
+//! embeds with `include_bytes!`; `written` has bit `i` set when storage buffer
+//! binding `i` is not declared `readonly` (the engine's barrier tracking reads
+//! it). Shaders whose first line is `// variants: subgroup` are
 //! compiled twice: plain and with `-DSUBGROUP=1` (name suffix `_sg`); those whose
 //! first line is `// variants: hd` once per head-dim bound (`_h16` .. `_h128`).
 
@@ -16,6 +18,31 @@ fn hd_define(h: &str) -> &'static str {
         "64" => "-DHDMAX=64",
         _ => "-DHDMAX=128",
     }
+}
+
+/// Bit mask of the storage-buffer bindings a shader may write: every
+/// `layout(..., binding = N) ... buffer` declaration without `readonly`.
+fn written_bindings(src: &str, path: &Path) -> u32 {
+    let mut mask = 0u32;
+    for line in src.lines() {
+        let line = line.trim();
+        if !line.starts_with("layout(") || !line.contains(" buffer ") {
+            continue;
+        }
+        let n: u32 = line
+            .split("binding")
+            .nth(1)
+            .and_then(|r| r.trim_start().strip_prefix('='))
+            .and_then(|r| r.trim_start().split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("{}: cannot read the binding of `{line}`", path.display()));
+        assert!(n < 32, "{}: binding {n} too large", path.display());
+        let quals = line.split(')').nth(1).unwrap_or("");
+        if !quals.contains("readonly") {
+            mask |= 1 << n;
+        }
+    }
+    mask
 }
 
 fn main() {
@@ -36,7 +63,7 @@ fn main() {
         .map(|e| e.expect("dir entry").path())
         .collect();
     entries.sort();
-    let mut table = String::from("/// Embedded SPIR-V modules: `(name, words as bytes)`.\npub(crate) static SHADERS: &[(&str, &[u8])] = &[\n");
+    let mut table = String::from("/// Embedded SPIR-V modules: `(name, words as bytes, written-binding mask)`.\npub(crate) static SHADERS: &[(&str, &[u8], u32)] = &[\n");
     for path in entries {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         println!("cargo:rerun-if-changed={}", path.display());
@@ -45,6 +72,7 @@ fn main() {
         }
         let stem = name.trim_end_matches(".comp").to_string();
         let src = fs::read_to_string(&path).expect("read shader");
+        let written = written_bindings(&src, &path);
         let mut variants = vec![(stem.clone(), Vec::<&str>::new())];
         if src.starts_with("// variants: subgroup") {
             variants.push((format!("{stem}_sg"), vec!["-DSUBGROUP=1"]));
@@ -72,7 +100,7 @@ fn main() {
                 panic!("glslc failed on {}", path.display());
             }
             table.push_str(&format!(
-                "    ({vname:?}, include_bytes!({:?})),\n",
+                "    ({vname:?}, include_bytes!({:?}), {written:#x}),\n",
                 spv.display().to_string()
             ));
         }

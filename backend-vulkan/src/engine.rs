@@ -3,8 +3,12 @@
 //! first use and cached), and command recording into batched command buffers.
 //!
 //! Every op records one or more dispatches into the *current batch* (one
-//! command buffer and one descriptor pool), with a memory barrier after each
-//! dispatch. A batch is submitted when it is full (then the next one is
+//! command buffer and one descriptor pool). A memory barrier goes before a
+//! dispatch only when it depends on work recorded since the previous barrier
+//! ([`Hazards`]: it reads or writes a buffer written since, or writes one read
+//! since), so independent dispatches (the two gradient products of a linear
+//! layer, say) may overlap on a GPU; which bindings a kernel writes comes from
+//! its GLSL (`readonly` or not), read by the build script. A batch is submitted when it is full (then the next one is
 //! recorded while the device runs it) or when the host needs data
 //! ([`Ctx::read`]), which submits and waits. A batch keeps every buffer it
 //! touches alive until its fence signals, so a tensor dropped by the host is
@@ -341,6 +345,42 @@ struct Pipe {
     layout: vk::PipelineLayout,
     dsl: vk::DescriptorSetLayout,
     bindings: usize,
+    /// Bit `i` set: binding `i` may be written (not declared `readonly`).
+    written: u32,
+}
+
+/// The buffers read and written since the last barrier of a command buffer.
+///
+/// A new access needs a barrier first when it reads or writes a buffer written
+/// since the barrier (read-after-write, write-after-write) or writes one read
+/// since (write-after-read); the sets then restart from that access. Accesses
+/// with no such conflict are recorded without a barrier, so the device may
+/// run them concurrently.
+#[derive(Default, Debug)]
+pub(crate) struct Hazards {
+    reads: Vec<u64>,
+    writes: Vec<u64>,
+}
+
+impl Hazards {
+    /// Records an access to buffers (by id); returns whether a barrier must
+    /// be recorded before it.
+    pub(crate) fn access(&mut self, reads: &[u64], writes: &[u64]) -> bool {
+        let conflict = reads.iter().chain(writes).any(|b| self.writes.contains(b))
+            || writes.iter().any(|b| self.reads.contains(b));
+        if conflict {
+            self.clear();
+        }
+        self.reads.extend_from_slice(reads);
+        self.writes.extend_from_slice(writes);
+        conflict
+    }
+
+    /// Forgets every access (after a full barrier).
+    pub(crate) fn clear(&mut self) {
+        self.reads.clear();
+        self.writes.clear();
+    }
 }
 
 struct Batch {
@@ -350,6 +390,7 @@ struct Batch {
     keep: Vec<Arc<Buffer>>,
     dispatches: u32,
     submitted: bool,
+    hazards: Hazards,
 }
 
 struct State {
@@ -368,6 +409,14 @@ pub(crate) struct Ctx {
     pub(crate) subgroup: bool,
     /// Tiny buffer bound to unused binding slots.
     pub(crate) dummy: Arc<Buffer>,
+    /// `DCDIT_VK_FAULT_NO_BARRIERS=1`: records no barriers between dispatches,
+    /// a deliberate fault that only exists so the synchronisation-validation
+    /// test can show it catches missing barriers (results become undefined
+    /// on a GPU).
+    fault_no_barriers: bool,
+    /// Commands recorded and barriers recorded before them.
+    commands: std::sync::atomic::AtomicU64,
+    barriers: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Ctx {
@@ -504,6 +553,9 @@ impl Ctx {
             }),
             subgroup,
             dummy,
+            fault_no_barriers: std::env::var("DCDIT_VK_FAULT_NO_BARRIERS").is_ok_and(|v| v == "1"),
+            commands: Default::default(),
+            barriers: Default::default(),
         })
     }
 
@@ -558,10 +610,10 @@ impl Ctx {
             let sg_name = format!("{name}_sg");
             let code = SHADERS
                 .iter()
-                .find(|(n, _)| self.subgroup && *n == sg_name)
-                .or_else(|| SHADERS.iter().find(|(n, _)| *n == name))
-                .ok_or_else(|| Error::backend(format!("vulkan: no shader `{name}`")))?
-                .1;
+                .find(|(n, _, _)| self.subgroup && *n == sg_name)
+                .or_else(|| SHADERS.iter().find(|(n, _, _)| *n == name))
+                .ok_or_else(|| Error::backend(format!("vulkan: no shader `{name}`")))?;
+            let (code, written) = (code.1, code.2);
             let words = ash::util::read_spv(&mut std::io::Cursor::new(code))
                 .map_err(|e| Error::backend(format!("vulkan: bad SPIR-V for {name}: {e}")))?;
             let dev = &self.dev.dev;
@@ -617,6 +669,7 @@ impl Ctx {
                         layout,
                         dsl,
                         bindings,
+                        written,
                     },
                 );
             }
@@ -652,6 +705,7 @@ impl Ctx {
                 b.keep.clear();
                 b.dispatches = 0;
                 b.submitted = false;
+                b.hazards.clear();
                 // SAFETY: the batch finished; its pool and fence may be reset.
                 unsafe {
                     dev.reset_fences(&[b.fence]).map_err(vkerr("reset fence"))?;
@@ -705,6 +759,7 @@ impl Ctx {
                             keep: Vec::new(),
                             dispatches: 0,
                             submitted: false,
+                            hazards: Hazards::default(),
                         }
                     }
                 }
@@ -721,6 +776,23 @@ impl Ctx {
             st.cur = Some(b);
         }
         Ok(st.cur.as_mut().unwrap())
+    }
+
+    /// `(commands, barriers)` recorded so far.
+    pub(crate) fn command_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.commands.load(Relaxed), self.barriers.load(Relaxed))
+    }
+
+    /// Counts a command; records a barrier before it when `hazard` (unless
+    /// the test-only fault is on).
+    fn guard(&self, cmd: vk::CommandBuffer, hazard: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.commands.fetch_add(1, Relaxed);
+        if hazard && !self.fault_no_barriers {
+            self.barriers.fetch_add(1, Relaxed);
+            self.barrier(cmd);
+        }
     }
 
     fn barrier(&self, cmd: vk::CommandBuffer) {
@@ -751,15 +823,27 @@ impl Ctx {
     fn submit(&self, st: &mut State) -> Result<()> {
         if let Some(mut b) = st.cur.take() {
             let dev = &self.dev.dev;
+            // Everything recorded so far, before the host's reads and before
+            // the next batches' commands (a barrier's second scope reaches
+            // later submissions on the queue; batches track hazards only
+            // within themselves).
             let mb = vk::MemoryBarrier::default()
                 .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::TRANSFER_WRITE)
-                .dst_access_mask(vk::AccessFlags::HOST_READ);
+                .dst_access_mask(
+                    vk::AccessFlags::HOST_READ
+                        | vk::AccessFlags::SHADER_READ
+                        | vk::AccessFlags::SHADER_WRITE
+                        | vk::AccessFlags::TRANSFER_READ
+                        | vk::AccessFlags::TRANSFER_WRITE,
+                );
             // SAFETY: the command buffer is recording; queue and fence are valid.
             unsafe {
                 dev.cmd_pipeline_barrier(
                     b.cmd,
                     vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
-                    vk::PipelineStageFlags::HOST,
+                    vk::PipelineStageFlags::HOST
+                        | vk::PipelineStageFlags::COMPUTE_SHADER
+                        | vk::PipelineStageFlags::TRANSFER,
                     vk::DependencyFlags::empty(),
                     &[mb],
                     &[],
@@ -798,12 +882,23 @@ impl Ctx {
             return Ok(());
         }
         let mut st = self.state.lock().unwrap();
-        let (pipeline, layout, dsl) = {
+        let (pipeline, layout, dsl, written) = {
             let p = self.pipe(&mut st, name, bufs.len())?;
-            (p.pipeline, p.layout, p.dsl)
+            (p.pipeline, p.layout, p.dsl, p.written)
         };
         let dev = &self.dev.dev;
         let batch = self.begin(&mut st)?;
+        let (mut reads, mut writes) = (Vec::new(), Vec::new());
+        for (i, b) in bufs.iter().enumerate() {
+            let id = vk::Handle::as_raw(b.handle());
+            if written & (1 << i) != 0 {
+                writes.push(id);
+            } else {
+                reads.push(id);
+            }
+        }
+        let hazard = batch.hazards.access(&reads, &writes);
+        self.guard(batch.cmd, hazard);
         // SAFETY: pool, layout and buffers are valid; the set is used only in this batch.
         unsafe {
             let set = dev
@@ -855,11 +950,9 @@ impl Ctx {
             );
             dev.cmd_dispatch(batch.cmd, groups[0], groups[1], groups[2]);
         }
-        let cmd = batch.cmd;
         batch.keep.extend(bufs.iter().map(|b| (*b).clone()));
         batch.dispatches += 1;
         let full = batch.dispatches >= BATCH_DISPATCHES;
-        self.barrier(cmd);
         if full {
             self.submit(&mut st)?;
         }
@@ -873,6 +966,12 @@ impl Ctx {
         }
         let mut st = self.state.lock().unwrap();
         let batch = self.begin(&mut st)?;
+        let (r, w) = (
+            vk::Handle::as_raw(src.handle()),
+            vk::Handle::as_raw(dst.handle()),
+        );
+        let hazard = batch.hazards.access(&[r], &[w]);
+        self.guard(batch.cmd, hazard);
         let region = vk::BufferCopy {
             src_offset: 0,
             dst_offset: 0,
@@ -884,10 +983,8 @@ impl Ctx {
                 .dev
                 .cmd_copy_buffer(batch.cmd, src.handle(), dst.handle(), &[region])
         };
-        let cmd = batch.cmd;
         batch.keep.push(src.clone());
         batch.keep.push(dst.clone());
-        self.barrier(cmd);
         Ok(())
     }
 
@@ -947,5 +1044,69 @@ impl Ctx {
             "no subgroup kernels"
         };
         format!("vulkan:{} ({}, {}; {mem}, {sg})", i.index, i.name, i.kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Hazards;
+    use quickcheck::{QuickCheck, TestResult};
+
+    /// One recorded command: the buffers it reads and writes.
+    type Access = (Vec<u64>, Vec<u64>);
+
+    fn conflicts(earlier: &Access, later: &Access) -> bool {
+        let (r0, w0) = earlier;
+        let (r1, w1) = later;
+        r1.iter().chain(w1).any(|b| w0.contains(b)) || w1.iter().any(|b| r0.contains(b))
+    }
+
+    /// Random command sequences over four buffers, checked against the
+    /// definition pairwise: every two conflicting commands have a barrier
+    /// between them (safety), and every barrier sits before a command that
+    /// conflicts with one recorded since the previous barrier (no barrier
+    /// without a hazard).
+    #[test]
+    fn barriers_exactly_where_commands_conflict() {
+        fn prop(raw: Vec<(u8, u8)>) -> TestResult {
+            let cmds: Vec<Access> = raw
+                .iter()
+                .map(|&(r, w)| {
+                    let set = |m: u8| (0..4u64).filter(|b| m & (1 << b) != 0).collect();
+                    (set(r), set(w))
+                })
+                .collect();
+            let mut h = Hazards::default();
+            let barrier: Vec<bool> = cmds.iter().map(|(r, w)| h.access(r, w)).collect();
+            for j in 0..cmds.len() {
+                let last = (0..=j).rev().find(|&k| barrier[k] && k < j);
+                for i in 0..j {
+                    let separated = barrier[i + 1..=j].iter().any(|&b| b);
+                    if conflicts(&cmds[i], &cmds[j]) && !separated {
+                        return TestResult::error(format!("{i} and {j} conflict, no barrier"));
+                    }
+                }
+                if barrier[j] {
+                    let from = last.unwrap_or(0);
+                    if !(from..j).any(|i| conflicts(&cmds[i], &cmds[j])) {
+                        return TestResult::error(format!("needless barrier before {j}"));
+                    }
+                }
+            }
+            TestResult::passed()
+        }
+        QuickCheck::new()
+            .tests(500)
+            .quickcheck(prop as fn(Vec<(u8, u8)>) -> TestResult);
+    }
+
+    #[test]
+    fn independent_reads_share_a_barrier_interval() {
+        let mut h = Hazards::default();
+        assert!(!h.access(&[1], &[2])); // y = f(x)
+        assert!(!h.access(&[1], &[3])); // z = g(x): independent of y
+        assert!(h.access(&[2, 3], &[4])); // reads y and z: barrier
+        assert!(!h.access(&[5], &[6]));
+        assert!(h.access(&[7], &[5])); // overwrites what was read: barrier
     }
 }

@@ -287,6 +287,13 @@ impl VulkanBackend {
         self.ctx.sync()
     }
 
+    /// Commands (dispatches and copies) recorded so far, and how many of them
+    /// needed a memory barrier before them (see the engine's hazard
+    /// tracking); the rest may overlap with the commands before them.
+    pub fn command_stats(&self) -> (u64, u64) {
+        self.ctx.command_stats()
+    }
+
     pub(crate) fn out(&self, n: usize) -> Result<Arc<Buffer>> {
         self.ctx.alloc(n * 4, false)
     }

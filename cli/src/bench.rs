@@ -645,7 +645,11 @@ fn vulkan_workload(a: &BenchArgs, cpu_backend: &CpuBackend) -> Result<Value> {
     }
     let inputs = (&x[..], &t[..], &y[..]);
     let (tc, oc) = timed(a, cpu_backend, &cfg, &weights, inputs, batch)?;
+    let before = vk.command_stats();
     let (tv, ov) = timed(a, &vk, &cfg, &weights, inputs, batch)?;
+    // Commands and barriers per forward (the timed runs include loading once).
+    let (after, runs) = (vk.command_stats(), (a.warmup + a.iters).max(1) as u64);
+    let (cmds, bars) = ((after.0 - before.0) / runs, (after.1 - before.1) / runs);
     let scale = oc
         .iter()
         .fold(0.0f32, |m, v| m.max(v.abs()))
@@ -665,7 +669,12 @@ fn vulkan_workload(a: &BenchArgs, cpu_backend: &CpuBackend) -> Result<Value> {
         sc.median * 1e3,
         sv.median / sc.median
     );
+    println!(
+        "vulkan commands per forward (weights upload amortised over the runs): {cmds}, of which {bars} need a barrier before them"
+    );
     Ok(json!({
+        "commands_per_forward": cmds,
+        "barriers_per_forward": bars,
         "config": a.train_config.display().to_string(),
         "batch": batch,
         "device": vk.name(),

@@ -292,3 +292,120 @@ fn grad_command_matches_golden_gradients() {
         assert!(err <= 1e-4 * scale.max(1e-3), "{k}: {err} (scale {scale})");
     }
 }
+
+/// Where Debian's `vulkan-validationlayers` installs the Khronos layer.
+const VALIDATION_LAYER: &str = "/usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json";
+
+/// Runs the CLI under the Khronos validation layer with synchronisation
+/// validation on; returns (success, stdout + stderr).
+fn cli_validated(args: &[&str], fault: bool) -> (bool, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dcdit-cli"));
+    c.args(args)
+        .env("VK_INSTANCE_LAYERS", "VK_LAYER_KHRONOS_validation")
+        .env(
+            "VK_LAYER_ENABLES",
+            "VK_VALIDATION_FEATURE_ENABLE_SYNCHRONIZATION_VALIDATION_EXT",
+        );
+    if fault {
+        c.env("DCDIT_VK_FAULT_NO_BARRIERS", "1");
+    }
+    let o = c.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+/// The Vulkan backend records a barrier only where a command depends on one
+/// before it; the Khronos validation layer's synchronisation validation
+/// checks every command of a forward, two gradient computations and a short
+/// training run (AdamW, EMA, checkpoint reads) for read/write hazards. The
+/// same run with barriers deliberately left out must be caught, so the check
+/// cannot pass vacuously. Skipped without a Vulkan device or the layer unless
+/// `DCDIT_REQUIRE_VULKAN=1` (then both must be there).
+#[test]
+fn vulkan_commands_pass_synchronization_validation() {
+    let required = std::env::var("DCDIT_REQUIRE_VULKAN").is_ok_and(|v| v == "1");
+    let missing = match dcdit_backend_vulkan::VulkanBackend::new(0) {
+        Err(e) => Some(format!("no Vulkan device: {e}")),
+        Ok(_) if !Path::new(VALIDATION_LAYER).exists() => Some(format!(
+            "no validation layer at {VALIDATION_LAYER} (apt-get install vulkan-validationlayers)"
+        )),
+        Ok(_) => None,
+    };
+    if let Some(why) = missing {
+        assert!(!required, "DCDIT_REQUIRE_VULKAN=1 but {why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let fwd = root().join("tests/golden/forward/pred_rect_drop");
+    let fwd_args = [
+        "forward".to_string(),
+        "--config".into(),
+        s(&fwd.join("config.yaml")),
+        "--weights".into(),
+        s(&fwd.join("weights.safetensors")),
+        "--input".into(),
+        s(&fwd.join("input.safetensors")),
+        "--out".into(),
+        s(&tmp("sync-fwd.safetensors")),
+        "--backend".into(),
+        "vulkan".into(),
+    ];
+    let mut runs: Vec<Vec<String>> = vec![fwd_args.to_vec()];
+    for case in ["grad_pred", "grad_cos_drop"] {
+        let d = root().join("tests/golden/grad").join(case);
+        runs.push(vec![
+            "grad".into(),
+            "--config".into(),
+            s(&d.join("config.yaml")),
+            "--weights".into(),
+            s(&d.join("weights.safetensors")),
+            "--batch".into(),
+            s(&d.join("batch.safetensors")),
+            "--out".into(),
+            s(&tmp(&format!("sync-{case}.safetensors"))),
+            "--backend".into(),
+            "vulkan".into(),
+        ]);
+    }
+    let base = tmp("sync-train");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let cfg = base.join("tiny.yaml");
+    std::fs::write(&cfg, TINY_MNIST).unwrap();
+    runs.push(vec![
+        "train".into(),
+        "--config".into(),
+        s(&cfg),
+        "--out".into(),
+        s(&base.join("run")),
+        "--steps".into(),
+        "3".into(),
+        "--quiet".into(),
+        "--backend".into(),
+        "vulkan".into(),
+    ]);
+    for args in &runs {
+        let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+        let _ = std::fs::remove_dir_all(base.join("run"));
+        let (ok, text) = cli_validated(&args, false);
+        assert!(ok, "{args:?} failed:\n{text}");
+        assert!(
+            !text.contains("Validation Error") && !text.contains("SYNC-HAZARD"),
+            "{args:?}: the validation layer reports:\n{}",
+            &text[..text.len().min(4000)]
+        );
+    }
+    // The negative control: the same gradient computation without barriers.
+    let args: Vec<&str> = runs[1].iter().map(|a| a.as_str()).collect();
+    let (_, text) = cli_validated(&args, true);
+    assert!(
+        text.contains("SYNC-HAZARD"),
+        "without barriers the validation layer should report hazards; it printed:\n{}",
+        &text[..text.len().min(4000)]
+    );
+}
