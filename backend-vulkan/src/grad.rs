@@ -112,14 +112,14 @@ impl GradBackend for VulkanBackend {
         let out = if k == 0 {
             self.full_f32(&[m, n], 0.0)?.buf
         } else {
-            self.gemm(&a.buf, ast, &b.buf, bst, None, m, n, k)?
+            self.gemm(&self.view(a)?, ast, &self.view(b)?, bst, None, m, n, k)?
         };
         self.wrap(out, &[m, n], a)
     }
 
     fn col_sum(&self, x: &VkTensor) -> Result<VkTensor> {
         let (rows, c) = x.dims2();
-        let out = self.col_sum_buf(&x.buf, None, rows, c)?;
+        let out = self.col_sum_buf(&self.view(x)?, None, rows, c)?;
         self.wrap(out, &[c], x)
     }
 
@@ -128,7 +128,7 @@ impl GradBackend for VulkanBackend {
         let s = check_segments("segment_sum", seg, rows)?;
         let out = self.full_f32(&[s, c], 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
-        self.colred(&x.buf, None, &sb, s, c, &out, c, 0, false)?;
+        self.colred(&self.view(x)?, None, &sb, s, c, &out, c, 0, false)?;
         self.wrap(out, &[s, c], x)
     }
 
@@ -143,7 +143,12 @@ impl GradBackend for VulkanBackend {
         }
         let groups = n.div_ceil(256).min(1024);
         let out = self.out(groups)?;
-        self.run("sumsq", &[&x.buf, &out], &[u(n)], [groups as u32, 1, 1])?;
+        self.run(
+            "sumsq",
+            &[&self.view(x)?, &out],
+            &[u(n)],
+            [groups as u32, 1, 1],
+        )?;
         let t = VkTensor {
             buf: out,
             shape: vec![groups],
@@ -170,7 +175,7 @@ impl GradBackend for VulkanBackend {
         if wn > 0 {
             self.run(
                 "convaux",
-                &[&w.buf, &wf],
+                &[&self.view(w)?, &wf],
                 &[
                     u(wn),
                     1,
@@ -183,18 +188,27 @@ impl GradBackend for VulkanBackend {
                 groups1(wn),
             )?;
         }
-        let dx = self.conv_raw(&g.buf, grid, cout, &wf, cin, None, k)?;
+        let dx = self.conv_raw(&self.view(g)?, grid, cout, &wf, cin, None, k)?;
         // dw (cout, kk) = g^T (cout, rows) x im2col(x) (rows, kk).
         let dw = if rows == 0 {
             self.full_f32(&[cout, kk], 0.0)?.buf
         } else if k == 1 {
-            self.gemm(&g.buf, (1, cout), &x.buf, (cin, 1), None, cout, kk, rows)?
+            self.gemm(
+                &self.view(g)?,
+                (1, cout),
+                &self.view(x)?,
+                (cin, 1),
+                None,
+                cout,
+                kk,
+                rows,
+            )?
         } else {
             let cn = rows * kk;
             let cols = self.out(cn)?;
             self.run(
                 "convaux",
-                &[&x.buf, &cols],
+                &[&self.view(x)?, &cols],
                 &[
                     u(cn),
                     0,
@@ -206,9 +220,18 @@ impl GradBackend for VulkanBackend {
                 ],
                 groups1(cn),
             )?;
-            self.gemm(&g.buf, (1, cout), &cols, (kk, 1), None, cout, kk, rows)?
+            self.gemm(
+                &self.view(g)?,
+                (1, cout),
+                &cols,
+                (kk, 1),
+                None,
+                cout,
+                kk,
+                rows,
+            )?
         };
-        let db = self.col_sum_buf(&g.buf, None, rows, cout)?;
+        let db = self.col_sum_buf(&self.view(g)?, None, rows, cout)?;
         Ok((
             self.wrap(dx, &x.shape, x)?,
             self.wrap(dw, &w.shape, w)?,
@@ -239,7 +262,7 @@ impl GradBackend for VulkanBackend {
         if n > 0 {
             self.run(
                 "dwconv",
-                &[&g.buf, &w.buf, &dx],
+                &[&self.view(g)?, &self.view(w)?, &dx],
                 &[u(n), 1, u(grid.height), u(grid.width), u(c)],
                 groups1(n),
             )?;
@@ -247,7 +270,7 @@ impl GradBackend for VulkanBackend {
         if c > 0 {
             self.run(
                 "dwconv_dw",
-                &[&x.buf, &g.buf, &dw],
+                &[&self.view(x)?, &self.view(g)?, &dw],
                 &[u(rows), u(grid.height), u(grid.width), u(c)],
                 [c.div_ceil(64) as u32, 9, 1],
             )?;
@@ -290,13 +313,20 @@ impl GradBackend for VulkanBackend {
         if n > 0 {
             self.run(
                 "groupnorm",
-                &[&x.buf, &g.buf, &gamma.buf, self.dummy(), &dx, &t],
+                &[
+                    &self.view(x)?,
+                    &self.view(g)?,
+                    &self.view(gamma)?,
+                    self.dummy(),
+                    &dx,
+                    &t,
+                ],
                 &[u(grid.len()), u(c), u(groups), f(eps), 1],
                 [(grid.batch * groups) as u32, 1, 1],
             )?;
         }
         let dgamma = self.col_sum_buf(&t, None, rows, c)?;
-        let dbeta = self.col_sum_buf(&g.buf, None, rows, c)?;
+        let dbeta = self.col_sum_buf(&self.view(g)?, None, rows, c)?;
         Ok((
             self.wrap(dx, &x.shape, x)?,
             self.wrap(dgamma, &gamma.shape, gamma)?,
@@ -367,10 +397,20 @@ impl GradBackend for VulkanBackend {
         let s = seg.len() - 1;
         let dada = self.full_f32(&ada.shape, 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
-        self.colred(&g.buf, None, &sb, s, c, &dada, vc, shift_at * c, false)?;
         self.colred(
-            &g.buf,
-            Some(&x.buf),
+            &self.view(g)?,
+            None,
+            &sb,
+            s,
+            c,
+            &dada,
+            vc,
+            shift_at * c,
+            false,
+        )?;
+        self.colred(
+            &self.view(g)?,
+            Some(&self.view(x)?),
             &sb,
             s,
             c,
@@ -379,13 +419,7 @@ impl GradBackend for VulkanBackend {
             scale_at * c,
             shift_at == scale_at,
         )?;
-        Ok((
-            VkTensor {
-                dtype: x.dtype,
-                ..dx
-            },
-            self.wrap(dada, &ada.shape, ada)?,
-        ))
+        Ok((self.cast(&dx, x.dtype)?, self.wrap(dada, &ada.shape, ada)?))
     }
 
     fn gated_add_backward(
@@ -404,8 +438,8 @@ impl GradBackend for VulkanBackend {
         let dada = self.full_f32(&ada.shape, 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
         self.colred(
-            &g.buf,
-            Some(&y.buf),
+            &self.view(g)?,
+            Some(&self.view(y)?),
             &sb,
             s,
             c,
@@ -414,13 +448,7 @@ impl GradBackend for VulkanBackend {
             gate_at * c,
             false,
         )?;
-        Ok((
-            VkTensor {
-                dtype: y.dtype,
-                ..dy
-            },
-            self.wrap(dada, &ada.shape, ada)?,
-        ))
+        Ok((self.cast(&dy, y.dtype)?, self.wrap(dada, &ada.shape, ada)?))
     }
 
     fn attention_backward(
@@ -441,13 +469,21 @@ impl GradBackend for VulkanBackend {
             let grid = [nblk as u32, heads as u32, 1];
             self.run(
                 crate::attn_kernel("attn_bwd_dq", hd),
-                &[&qkv.buf, &blk, &out, &g.buf, &lse, &dd, &dqkv],
+                &[
+                    &self.view(qkv)?,
+                    &blk,
+                    &out,
+                    &self.view(g)?,
+                    &lse,
+                    &dd,
+                    &dqkv,
+                ],
                 &push,
                 grid,
             )?;
             self.run(
                 crate::attn_kernel("attn_bwd_dkv", hd),
-                &[&qkv.buf, &blk, &g.buf, &lse, &dd, &dqkv],
+                &[&self.view(qkv)?, &blk, &self.view(g)?, &lse, &dd, &dqkv],
                 &push,
                 grid,
             )?;
@@ -476,13 +512,14 @@ impl GradBackend for VulkanBackend {
             }
             let (ub, tab, tablen) = self.dechunk_inputs(pos, width, sigma, seg)?;
             let aux = self.out(2 * t)?;
+            let (hb, pb, gb) = (self.view(h)?, self.view(p)?, self.view(g)?);
             let bufs = |o: &Arc<Buffer>, op: &Arc<Buffer>| {
                 [
-                    h.buf.clone(),
-                    p.buf.clone(),
+                    hb.clone(),
+                    pb.clone(),
                     ub.clone(),
                     tab.clone(),
-                    g.buf.clone(),
+                    gb.clone(),
                     aux.clone(),
                     o.clone(),
                     op.clone(),
@@ -533,7 +570,15 @@ impl GradBackend for VulkanBackend {
         if n > 0 {
             self.run(
                 "adamw",
-                &[&param.buf, &grad.buf, &m.buf, &v.buf, &po, &mo, &vo],
+                &[
+                    &self.view(param)?,
+                    &self.view(grad)?,
+                    &self.view(m)?,
+                    &self.view(v)?,
+                    &po,
+                    &mo,
+                    &vo,
+                ],
                 &[
                     u(n),
                     f(decay),
@@ -584,7 +629,7 @@ impl VulkanBackend {
         if rows * c > 0 {
             self.run(
                 "rownorm_bwd",
-                &[&x.buf, &g.buf, w.map_or(self.dummy(), |w| &w.buf), &out],
+                &[&self.view(x)?, &self.view(g)?, &self.view_opt(w)?, &out],
                 &[u(rows), u(c), mode, f(eps)],
                 groups_rows(rows),
             )?;

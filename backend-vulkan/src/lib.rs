@@ -60,8 +60,14 @@ impl std::fmt::Debug for VulkanBackend {
 }
 
 /// A device tensor: a shared pooled buffer, a shape and a storage dtype.
+/// f32 tensors hold one f32 per element; f16 and bf16 tensors hold two
+/// elements per 32-bit word (element `2i` in the low half), so they take half
+/// the device memory. Kernels compute in f32: an op widens 16-bit inputs into
+/// temporary f32 buffers (`VulkanBackend::view`) and narrows its result
+/// back when the result is 16-bit (`VulkanBackend::finish`).
 #[derive(Clone)]
 pub struct VkTensor {
+    /// The storage (packed for 16-bit dtypes): read it through `view`.
     buf: Arc<Buffer>,
     shape: Vec<usize>,
     dtype: DType,
@@ -126,10 +132,17 @@ pub(crate) enum Ew {
     Affine = 6,
     Fill = 7,
     ScaleRows = 8,
-    RoundF16 = 9,
-    RoundBf16 = 10,
     UnaryGrad = 11,
     Ema = 14,
+}
+
+/// Modes of `shaders/convert.comp` (16-bit storage).
+#[derive(Clone, Copy)]
+pub(crate) enum Convert {
+    WidenF16 = 0,
+    WidenBf16 = 1,
+    NarrowF16 = 2,
+    NarrowBf16 = 3,
 }
 
 pub(crate) use dcdit_core::backend::check_segments;
@@ -321,8 +334,9 @@ impl VulkanBackend {
         self.ctx.dispatch(name, bufs, push, groups)
     }
 
-    /// Wraps a result buffer as a tensor, rounding it to `dtype` on the
-    /// device when that is a 16-bit type.
+    /// Wraps an f32 result buffer as a tensor of `dtype`: as is for f32, else
+    /// narrowed on the device into a new packed 16-bit buffer (round to
+    /// nearest even; the f32 buffer goes back to the pool).
     pub(crate) fn finish(
         &self,
         buf: Arc<Buffer>,
@@ -331,25 +345,66 @@ impl VulkanBackend {
     ) -> Result<VkTensor> {
         let n: usize = shape.iter().product();
         let mode = match dtype {
-            DType::F32 => None,
-            DType::F16 => Some(Ew::RoundF16),
-            DType::BF16 => Some(Ew::RoundBf16),
-        };
-        if let Some(mode) = mode {
-            if n > 0 {
-                self.run(
-                    "eltwise",
-                    &[&buf, self.dummy(), &buf],
-                    &[u(n), mode as u32, 1, 0, 0],
-                    groups1(n),
-                )?;
+            DType::F32 => {
+                return Ok(VkTensor {
+                    buf,
+                    shape: shape.to_vec(),
+                    dtype,
+                })
             }
-        }
+            DType::F16 => Convert::NarrowF16,
+            DType::BF16 => Convert::NarrowBf16,
+        };
+        let packed = self.ctx.alloc(n.div_ceil(2) * 4, false)?;
+        self.convert(&buf, &packed, n, mode)?;
         Ok(VkTensor {
-            buf,
+            buf: packed,
             shape: shape.to_vec(),
             dtype,
         })
+    }
+
+    /// The tensor's values as an f32 device buffer: its own buffer for f32,
+    /// else a temporary one widened from the packed 16-bit storage (exact).
+    pub(crate) fn view(&self, t: &VkTensor) -> Result<Arc<Buffer>> {
+        let mode = match t.dtype {
+            DType::F32 => return Ok(t.buf.clone()),
+            DType::F16 => Convert::WidenF16,
+            DType::BF16 => Convert::WidenBf16,
+        };
+        let n = t.numel();
+        let out = self.out(n)?;
+        self.convert(&t.buf, &out, n, mode)?;
+        Ok(out)
+    }
+
+    /// [`Self::view`] of an optional tensor; the dummy buffer for `None`.
+    pub(crate) fn view_opt(&self, t: Option<&VkTensor>) -> Result<Arc<Buffer>> {
+        match t {
+            Some(t) => self.view(t),
+            None => Ok(self.dummy().clone()),
+        }
+    }
+
+    /// Packs or unpacks `n` elements between f32 and 16-bit storage.
+    fn convert(&self, src: &Arc<Buffer>, dst: &Arc<Buffer>, n: usize, mode: Convert) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.run(
+            "convert",
+            &[src, dst],
+            &[u(n), mode as u32],
+            groups1(n.div_ceil(2)),
+        )
+    }
+
+    /// Device bytes of a tensor's storage (half of f32's for 16-bit dtypes).
+    pub fn storage_bytes(&self, t: &VkTensor) -> usize {
+        match t.dtype {
+            DType::F32 => t.numel() * 4,
+            DType::F16 | DType::BF16 => t.numel().div_ceil(2) * 4,
+        }
     }
 
     /// Element-wise kernel over `a` (and `b`), result in `a`'s dtype and `shape`.
@@ -366,11 +421,11 @@ impl VulkanBackend {
     ) -> Result<VkTensor> {
         let n: usize = shape.iter().product();
         let out = self.out(n)?;
-        let bb = b.map_or(self.dummy(), |t| &t.buf);
+        let bb = &self.view_opt(b)?;
         if n > 0 {
             self.run(
                 "eltwise",
-                &[&a.buf, bb, &out],
+                &[&self.view(a)?, bb, &out],
                 &[u(n), mode, u(cols.max(1)), f(f0), f(f1)],
                 groups1(n),
             )?;
@@ -501,7 +556,7 @@ impl VulkanBackend {
         if nblk > 0 && d > 0 {
             self.run(
                 attn_kernel("attention", hd),
-                &[&qkv.buf, &blk, &out, &lse],
+                &[&self.view(qkv)?, &blk, &out, &lse],
                 &[u(d), u(heads), u(hd), f(1.0 / (hd as f32).sqrt()), u(nblk)],
                 [nblk as u32, heads as u32, 1],
             )?;
@@ -600,20 +655,30 @@ impl Backend for VulkanBackend {
 
     fn to_f32(&self, t: &VkTensor) -> Result<Vec<f32>> {
         let n = t.numel();
-        let bytes = self.ctx.read(&t.buf, n * 4)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        let bytes = self.ctx.read(&t.buf, self.storage_bytes(t))?;
+        let halves = || {
+            bytes
+                .chunks_exact(2)
+                .take(n)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        };
+        Ok(match t.dtype {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::F16 => halves().map(|h| half::f16::from_bits(h).to_f32()).collect(),
+            DType::BF16 => halves()
+                .map(|h| half::bf16::from_bits(h).to_f32())
+                .collect(),
+        })
     }
 
     fn cast(&self, t: &VkTensor, dtype: DType) -> Result<VkTensor> {
         if t.dtype == dtype {
             return Ok(t.clone());
         }
-        let mut x = t.clone();
-        x.dtype = dtype;
-        self.ew(&x, None, 99, 1, 0.0, 0.0, &t.shape)
+        self.finish(self.view(t)?, &t.shape, dtype)
     }
 
     fn reshape(&self, t: &VkTensor, shape: &[usize]) -> Result<VkTensor> {
@@ -650,7 +715,16 @@ impl Backend for VulkanBackend {
                 )));
             }
         }
-        let out = self.gemm(&x.buf, (k, 1), &w.buf, (1, k), b.map(|b| &b.buf), n, m, k)?;
+        let out = self.gemm(
+            &self.view(x)?,
+            (k, 1),
+            &self.view(w)?,
+            (1, k),
+            b.map(|t| self.view(t)).transpose()?.as_ref(),
+            n,
+            m,
+            k,
+        )?;
         let mut shape = x.shape.clone();
         match shape.last_mut() {
             Some(last) => *last = m,
@@ -677,7 +751,15 @@ impl Backend for VulkanBackend {
                 )));
             }
         }
-        let out = self.conv_raw(&x.buf, grid, cin, &w.buf, cout, b.map(|b| &b.buf), k)?;
+        let out = self.conv_raw(
+            &self.view(x)?,
+            grid,
+            cin,
+            &self.view(w)?,
+            cout,
+            b.map(|t| self.view(t)).transpose()?.as_ref(),
+            k,
+        )?;
         self.finish(out, &[grid.rows(), cout], x.dtype)
     }
 
@@ -694,7 +776,7 @@ impl Backend for VulkanBackend {
         if n > 0 {
             self.run(
                 "dwconv",
-                &[&x.buf, &w.buf, &out],
+                &[&self.view(x)?, &self.view(w)?, &out],
                 &[u(n), 0, u(grid.height), u(grid.width), u(c)],
                 groups1(n),
             )?;
@@ -735,10 +817,10 @@ impl Backend for VulkanBackend {
             self.run(
                 "groupnorm",
                 &[
-                    &x.buf,
+                    &self.view(x)?,
                     self.dummy(),
-                    &gamma.buf,
-                    &beta.buf,
+                    &self.view(gamma)?,
+                    &self.view(beta)?,
                     &out,
                     self.dummy(),
                 ],
@@ -863,7 +945,7 @@ impl Backend for VulkanBackend {
             let sb = self.seg_buf(seg)?;
             self.run(
                 "normmod",
-                &[&x.buf, &ada.buf, &sb, &out],
+                &[&self.view(x)?, &self.view(ada)?, &sb, &out],
                 &[
                     u(rows),
                     u(c),
@@ -907,7 +989,7 @@ impl Backend for VulkanBackend {
             let ib = self.upload_u32(idx)?;
             self.run(
                 "rows",
-                &[&x.buf, &ib, &out],
+                &[&self.view(x)?, &ib, &out],
                 &[u(n), u(c), 0, 0],
                 groups1(n),
             )?;
@@ -948,7 +1030,7 @@ impl Backend for VulkanBackend {
             let ib = self.upload_u32(&csr)?;
             self.run(
                 "rows",
-                &[&x.buf, &ib, &out],
+                &[&self.view(x)?, &ib, &out],
                 &[u(total), u(c), 1, u(rows)],
                 groups1(total),
             )?;
@@ -978,8 +1060,8 @@ impl Backend for VulkanBackend {
             self.run(
                 "dechunk",
                 &[
-                    &h.buf,
-                    &p.buf,
+                    &self.view(h)?,
+                    &self.view(p)?,
                     &ub,
                     &tab,
                     self.dummy(),
@@ -1063,7 +1145,7 @@ impl VulkanBackend {
             } else {
                 self.run(
                     "rownorm",
-                    &[&x.buf, w.map_or(self.dummy(), |w| &w.buf), &out],
+                    &[&self.view(x)?, &self.view_opt(w)?, &out],
                     &[u(rows), u(c), mode, f(eps)],
                     groups_rows(rows),
                 )?;
@@ -1097,9 +1179,9 @@ impl VulkanBackend {
             self.run(
                 "segbcast",
                 &[
-                    &x.buf,
-                    y.map_or(self.dummy(), |y| &y.buf),
-                    &ada.buf,
+                    &self.view(x)?,
+                    &self.view_opt(y)?,
+                    &self.view(ada)?,
                     &sb,
                     &out,
                 ],

@@ -697,10 +697,13 @@ pub fn run_generic<B: GradBackend>(
             vec![dh, dp]
         }
         Cast => {
-            // Round to 16 bits, compute in that storage, back to f32.
+            // Round to 16 bits, compute in that storage, back to f32; the
+            // 16-bit tensors are also read back directly (host unpacking).
             let h = b.cast(&t[0], p.dtype)?;
             let y = b.unary(&h, dcdit_core::backend::Unary::Silu)?;
-            vec![b.cast(&h, DType::F32)?, b.cast(&y, DType::F32)?]
+            let hf = b.cast(&h, DType::F32)?;
+            let yf = b.cast(&y, DType::F32)?;
+            vec![hf, yf, h, y]
         }
         Reshape => {
             let n: usize = b.shape(&t[0]).iter().product();

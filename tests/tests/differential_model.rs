@@ -196,3 +196,42 @@ fn training_step_gradients_match_cpu() {
         }
     });
 }
+
+/// The main network in bf16 (weights stored as bf16, so every activation it
+/// produces is bf16 too) on every backend against the CPU backend's same
+/// mixed-precision run. On Vulkan bf16 tensors are stored packed, two per
+/// 32-bit word, and widened per op; both backends round every op's result to
+/// bf16 at the same points, so they agree to a few bf16 ulps, and the routing
+/// (all f32) exactly.
+#[test]
+fn bf16_main_network_matches_cpu() {
+    use dcdit_core::backend::{Backend, DType};
+    let dir = repo_root().join("tests/golden/forward/pred_sq8");
+    fn to_bf16<B: Backend>(b: &B, model: &mut dcdit_core::model::Model<B>) -> usize {
+        let infos = model.params.registry.infos.clone();
+        let mut n = 0;
+        for (p, info) in model.params.tensors.iter_mut().zip(&infos) {
+            if info.name.starts_with("hnet.main_network.") {
+                *p = b.cast(p, DType::BF16).unwrap();
+                n += 1;
+            }
+        }
+        n
+    }
+    let cpu = CpuBackend::with_threads(2);
+    let want = run_forward_case_with(&dir, &cpu, None, |m| {
+        assert!(to_bf16(&cpu, m) > 0);
+    });
+    for_each_backend!(|b| {
+        let got = run_forward_case_with(&dir, b, None, |m| {
+            to_bf16(b, m);
+            let w = m.params.tensors.iter().find(|w| b.dtype(w) == DType::BF16);
+            let w = w.expect("a bf16 parameter");
+            let n: usize = b.shape(w).iter().product();
+            assert_eq!(b.storage_bytes(w), n.div_ceil(2) * 4, "bf16 storage");
+        });
+        assert_eq!(got.boundary_mask, want.boundary_mask, "bf16: masks");
+        let r = assert_close("bf16 main network", &got.out, &want.out, 1e-3);
+        eprintln!("bf16 main network on {}: rel err {r:.2e} vs CPU", b.name());
+    });
+}
