@@ -160,9 +160,16 @@ fn training_step_gradients_match_cpu() {
             )
             .unwrap();
             let t0 = std::time::Instant::now();
+            let before = b.command_stats();
             let (tv, gv) =
                 batch_gradients(&Autodiff::new(b.clone()), &cfg, &w, &batch, &tail).unwrap();
             let dt = t0.elapsed();
+            let after = b.command_stats();
+            eprintln!(
+                "{name}: {} commands, {} barriers",
+                after.0 - before.0,
+                after.1 - before.1
+            );
             for (k, x, y) in [
                 ("loss", tc.loss, tv.loss),
                 ("mse", tc.mse, tv.mse),
