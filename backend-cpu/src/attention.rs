@@ -1,19 +1,29 @@
 //! Multi-head self-attention over a packed batch (varlen, never across
 //! segments). Tasks are `(segment, head, query block)` triples run in
 //! parallel; each computes `softmax(q k^T / sqrt(hd)) v` for up to
-//! [`Q_BLOCK`] queries with two single-threaded gemms (or a direct loop for
-//! tiny segments).
+//! [`Q_BLOCK`] queries with a streaming (online) softmax over blocks of
+//! [`KEY_BLOCK`] keys: per key block one gemm for the scores, the running
+//! max and sum updated (earlier partial outputs rescaled by
+//! `exp(m_old - m_new)`), one gemm adding `exp(S - m) V`, and the division by
+//! the sum at the end. The score buffer is `Q_BLOCK x KEY_BLOCK` whatever the
+//! segment length (a 64x64 grid keeps up to 4096 tokens); segments up to
+//! `KEY_BLOCK` tokens (every model shape so far) take a single block. Tiny
+//! segments use a direct loop instead of gemm.
 
 use dcdit_core::backend::Segments;
 use dcdit_core::{Error, Result};
 use rayon::prelude::*;
 
-use crate::math::softmax;
+use crate::math::{softmax, softmax_online};
 use crate::tensor::CpuTensor;
 use crate::util::{check_segments, dot, gemm_f32, Mat, SyncPtr};
 
 /// Queries per task: bounds the score buffer at `Q_BLOCK * n` floats.
 const Q_BLOCK: usize = 128;
+
+/// Keys per block of the streaming softmax (bounds the score buffer at
+/// `Q_BLOCK * KEY_BLOCK` floats).
+pub(crate) const KEY_BLOCK: usize = 512;
 
 /// Segments shorter than this use the direct loop instead of gemm.
 const GEMM_MIN_LEN: usize = 16;
@@ -35,6 +45,17 @@ struct Task {
 
 /// Packed multi-head attention; `qkv (T, 3d)` → `(T, d)`.
 pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<CpuTensor> {
+    attention_blocked(qkv, heads, seg, KEY_BLOCK)
+}
+
+/// [`attention`] with key blocks of `kb` keys (tests use small blocks).
+pub(crate) fn attention_blocked(
+    qkv: &CpuTensor,
+    heads: usize,
+    seg: Segments,
+    kb: usize,
+) -> Result<CpuTensor> {
+    let kb = kb.max(1);
     let (t, c3) = qkv.dims2();
     check_segments("attention", seg, t)?;
     if c3 % 3 != 0 {
@@ -78,7 +99,7 @@ pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<
     }
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let stride = c3;
-    let run = |scores: &mut Vec<f32>, task: &Task| {
+    let run = |(scores, stats): &mut (Vec<f32>, Vec<f32>), task: &Task| {
         let Task {
             r0,
             n,
@@ -91,10 +112,11 @@ pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<
         let voff = 2 * d + head * hd;
         // Every score is written before it is read: resize keeps the old
         // contents and fills only growth, so no memset per task.
-        scores.resize(qn * n, 0.0);
+        scores.resize(qn * n.min(kb), 0.0);
         // SAFETY (all `out` writes below): task (segment, head, q block) owns
         // output rows r0+q0 .. r0+q0+qn, columns head*hd .. (head+1)*hd.
         if n < GEMM_MIN_LEN {
+            let scores = &mut scores[..qn * n];
             let mut acc = vec![0.0f32; hd];
             for i in 0..qn {
                 let qi = (r0 + q0 + i) * stride + qoff;
@@ -119,69 +141,147 @@ pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<
             }
             return;
         }
-        unsafe {
-            // scores (qn, n) = scale * Q (qn, hd) K^T (hd, n)
-            gemm_f32(
-                qn,
-                n,
-                hd,
-                scores.as_mut_ptr(),
-                n as isize,
-                1,
-                false,
-                Mat {
-                    ptr: xs.as_ptr().add((r0 + q0) * stride + qoff),
-                    rs: stride as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: xs.as_ptr().add(r0 * stride + koff),
-                    rs: 1,
-                    cs: stride as isize,
-                },
-                scale,
-                false,
-            );
+        let single = n <= kb;
+        // Running max and sum of every query row.
+        stats.clear();
+        stats.resize(qn, f32::NEG_INFINITY);
+        stats.resize(2 * qn, 0.0);
+        let (m, l) = stats.split_at_mut(qn);
+        let out_row = |i: usize| unsafe {
+            std::slice::from_raw_parts_mut(out_ptr.get().add((r0 + q0 + i) * d + qoff), hd)
+        };
+        for kb0 in (0..n).step_by(kb) {
+            let kn = kb.min(n - kb0);
+            let sc = &mut scores[..qn * kn];
+            unsafe {
+                // S (qn, kn) = scale * Q (qn, hd) K_blk^T (hd, kn)
+                gemm_f32(
+                    qn,
+                    kn,
+                    hd,
+                    sc.as_mut_ptr(),
+                    kn as isize,
+                    1,
+                    false,
+                    Mat {
+                        ptr: xs.as_ptr().add((r0 + q0) * stride + qoff),
+                        rs: stride as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: xs.as_ptr().add((r0 + kb0) * stride + koff),
+                        rs: 1,
+                        cs: stride as isize,
+                    },
+                    scale,
+                    false,
+                );
+            }
+            for (i, row) in sc.chunks_exact_mut(kn).enumerate() {
+                let mut alpha = 0.0;
+                softmax_online(row, &mut m[i], &mut l[i], &mut alpha);
+                if single {
+                    // The whole row: normalise P itself, as a plain softmax.
+                    let inv = 1.0 / l[i];
+                    row.iter_mut().for_each(|v| *v *= inv);
+                } else if kb0 > 0 && alpha != 1.0 {
+                    out_row(i).iter_mut().for_each(|o| *o *= alpha);
+                }
+            }
+            unsafe {
+                // out (qn, hd) [+]= exp(S - m) (qn, kn) V_blk (kn, hd)
+                gemm_f32(
+                    qn,
+                    hd,
+                    kn,
+                    out_ptr.get().add((r0 + q0) * d + qoff),
+                    d as isize,
+                    1,
+                    kb0 > 0,
+                    Mat {
+                        ptr: sc.as_ptr(),
+                        rs: kn as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: xs.as_ptr().add((r0 + kb0) * stride + voff),
+                        rs: stride as isize,
+                        cs: 1,
+                    },
+                    1.0,
+                    false,
+                );
+            }
         }
-        for row in scores.chunks_exact_mut(n) {
-            softmax(row);
-        }
-        unsafe {
-            // out (qn, hd) = P (qn, n) V (n, hd)
-            gemm_f32(
-                qn,
-                hd,
-                n,
-                out_ptr.get().add((r0 + q0) * d + qoff),
-                d as isize,
-                1,
-                false,
-                Mat {
-                    ptr: scores.as_ptr(),
-                    rs: n as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: xs.as_ptr().add(r0 * stride + voff),
-                    rs: stride as isize,
-                    cs: 1,
-                },
-                1.0,
-                false,
-            );
+        if !single {
+            for (i, &li) in l.iter().enumerate() {
+                let inv = 1.0 / li;
+                out_row(i).iter_mut().for_each(|o| *o *= inv);
+            }
         }
     };
     let work: usize = tasks.iter().map(|t| t.qn * t.n * hd).sum();
     if tasks.len() == 1 || work < (1 << 16) {
-        let mut scores = Vec::new();
+        let mut bufs = (Vec::new(), Vec::new());
         for task in &tasks {
-            run(&mut scores, task);
+            run(&mut bufs, task);
         }
     } else {
         tasks
             .par_iter()
             .with_max_len(1)
-            .for_each_init(Vec::new, |scores, task| run(scores, task));
+            .for_each_init(|| (Vec::new(), Vec::new()), run);
     }
     Ok(CpuTensor::from_result(out, &[t, d], qkv.dtype()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grad::attention_backward_blocked;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * scale, "{i}: {x} vs {y}");
+        }
+    }
+
+    /// The streaming softmax over key blocks (7, 16, 64 keys, partial last
+    /// blocks, segments longer than a query block) gives the one-block
+    /// results, forward and backward, within f32 rounding; a segment shorter
+    /// than a block takes the one-block path bit for bit.
+    #[test]
+    fn key_blocks_match_one_block() {
+        let (heads, hd) = (2, 8);
+        let d = heads * hd;
+        let seg = [0, 5, 5, 150, 183, 200];
+        let t = 200;
+        let qkv = CpuTensor::from_f32_vec(data(t * 3 * d, 1), &[t, 3 * d]).unwrap();
+        let g = CpuTensor::from_f32_vec(data(t * d, 2), &[t, d]).unwrap();
+        let whole = attention_blocked(&qkv, heads, &seg, usize::MAX).unwrap();
+        let whole_b = attention_backward_blocked(&qkv, heads, &seg, &g, usize::MAX).unwrap();
+        for kb in [7, 16, 64] {
+            let y = attention_blocked(&qkv, heads, &seg, kb).unwrap();
+            close(&y.to_f32_cow(), &whole.to_f32_cow(), 1e-5);
+            let dy = attention_backward_blocked(&qkv, heads, &seg, &g, kb).unwrap();
+            close(&dy.to_f32_cow(), &whole_b.to_f32_cow(), 1e-5);
+        }
+        let y = attention_blocked(&qkv, heads, &seg, 150).unwrap();
+        let (a, b) = (y.to_f32_cow(), whole.to_f32_cow());
+        // Rows 5..150 (one block of 145 <= 150 keys) are bit-identical.
+        assert_eq!(a[5 * d..150 * d], b[5 * d..150 * d]);
+    }
 }

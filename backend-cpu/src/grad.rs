@@ -15,7 +15,7 @@ use dcdit_core::{Error, Result};
 use rayon::prelude::*;
 
 use crate::dense::{check_grid, conv_padded, depthwise_f32, Padded};
-use crate::math::{softmax, unary_backward_slice};
+use crate::math::{softmax_online, softmax_probs, unary_backward_slice};
 use crate::norm::{group_stats, GroupStats};
 use crate::tensor::{numel_of, CpuTensor};
 use crate::util::{
@@ -960,21 +960,38 @@ fn gated_add_backward(
 // ---------------------------------------------------------------- attention
 
 /// Queries per block of the attention backward (bounds the two score
-/// buffers at `Q_BLOCK * n` floats each).
+/// buffers at `Q_BLOCK * KEY_BLOCK` floats each).
 const Q_BLOCK: usize = 128;
 
 /// Gradient of packed multi-head attention w.r.t. `qkv (T, 3d)`.
-///
-/// One task per `(segment, head)` (it owns that segment's rows of the head's
-/// q, k and v column blocks). Per block of queries it recomputes
-/// `P = softmax(scale Q K^T)`, then `dV += P^T dO`, `dP = dO V^T`,
-/// `dS = P * (dP - rowsum(dP * P))`, `dQ = scale dS K`, `dK += scale dS^T Q`.
 fn attention_backward(
     qkv: &CpuTensor,
     heads: usize,
     seg: Segments,
     g: &CpuTensor,
 ) -> Result<CpuTensor> {
+    attention_backward_blocked(qkv, heads, seg, g, crate::attention::KEY_BLOCK)
+}
+
+/// [`attention_backward`] with key blocks of `kb` keys.
+///
+/// One task per `(segment, head)` (it owns that segment's rows of the head's
+/// q, k and v column blocks). Per block of queries, with `P = softmax(scale Q
+/// K^T)` taken a block of keys at a time: the row statistics (max, sum) of
+/// the streaming softmax first, then per key block `dV += P^T dO`,
+/// `dP = dO V^T`, `dS = P * (dP - D)` with `D = rowsum(dP * P)`,
+/// `dQ += scale dS K`, `dK += scale dS^T Q`. `D` needs every key block, so a
+/// segment longer than one block makes one more sweep for it first (and
+/// recomputes `S` per sweep); a single block keeps `P` from the statistics
+/// sweep, the same five products as the unblocked formulation.
+pub(crate) fn attention_backward_blocked(
+    qkv: &CpuTensor,
+    heads: usize,
+    seg: Segments,
+    g: &CpuTensor,
+    kb: usize,
+) -> Result<CpuTensor> {
+    let kb = kb.max(1);
     let (t, c3) = qkv.dims2();
     check_segments("attention_backward", seg, t)?;
     if c3 % 3 != 0 {
@@ -1010,31 +1027,23 @@ fn attention_backward(
     let par_gemm = tasks.len() < rayon::current_num_threads();
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let ld = c3 as isize;
-    let run = |bufs: &mut (Vec<f32>, Vec<f32>), &(r0, n, head): &(usize, usize, usize)| {
-        let (p, dp) = bufs;
+    type Bufs = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let run = |bufs: &mut Bufs, &(r0, n, head): &(usize, usize, usize)| {
+        let (p, dp, stats) = bufs;
         let (qoff, koff, voff) = (head * hd, d + head * hd, 2 * d + head * hd);
-        let k_mat = Mat {
-            ptr: xs[r0 * c3 + koff..].as_ptr(),
-            rs: ld,
-            cs: 1,
-        };
-        let kt_mat = Mat {
-            ptr: k_mat.ptr,
-            rs: 1,
-            cs: ld,
-        };
-        let vt_mat = Mat {
-            ptr: xs[r0 * c3 + voff..].as_ptr(),
-            rs: 1,
-            cs: ld,
-        };
+        let single = n <= kb;
         let mut q0 = 0;
         while q0 < n {
             let qn = Q_BLOCK.min(n - q0);
             // Both are overwritten by their first GEMM: resize keeps the old
             // contents and fills only growth, so no memset per block.
-            p.resize(qn * n, 0.0);
-            dp.resize(qn * n, 0.0);
+            p.resize(qn * n.min(kb), 0.0);
+            dp.resize(qn * n.min(kb), 0.0);
+            stats.clear();
+            stats.resize(qn, f32::NEG_INFINITY);
+            stats.resize(3 * qn, 0.0);
+            let (m, rest) = stats.split_at_mut(qn);
+            let (l, dsum) = rest.split_at_mut(qn);
             let q_mat = Mat {
                 ptr: xs[(r0 + q0) * c3 + qoff..].as_ptr(),
                 rs: ld,
@@ -1045,105 +1054,173 @@ fn attention_backward(
                 rs: d as isize,
                 cs: 1,
             };
-            // SAFETY (all `out` writes): this task owns rows r0..r0+n of the
-            // head's q, k and v column blocks; `p`/`dp` are its own buffers.
-            unsafe {
-                // P (qn, n) = softmax(scale Q K^T)
+            let k_at = |kb0: usize| Mat {
+                ptr: xs[(r0 + kb0) * c3 + koff..].as_ptr(),
+                rs: ld,
+                cs: 1,
+            };
+            let vt_at = |kb0: usize| Mat {
+                ptr: xs[(r0 + kb0) * c3 + voff..].as_ptr(),
+                rs: 1,
+                cs: ld,
+            };
+            // S (qn, kn) = scale Q K_blk^T into `p`.
+            let scores = |p: &mut [f32], kb0: usize, kn: usize| unsafe {
+                let k = k_at(kb0);
                 mm(
                     qn,
-                    n,
+                    kn,
                     hd,
                     p.as_mut_ptr(),
-                    n as isize,
+                    kn as isize,
                     false,
                     q_mat,
-                    kt_mat,
+                    Mat {
+                        ptr: k.ptr,
+                        rs: 1,
+                        cs: ld,
+                    },
                     scale,
                     par_gemm,
                 );
-                for row in p.chunks_exact_mut(n) {
-                    softmax(row);
-                }
-                // dV (n, hd) += P^T dO
-                mm(
-                    n,
-                    hd,
-                    qn,
-                    out_ptr.get().add(r0 * c3 + voff),
-                    ld,
-                    true,
-                    Mat {
-                        ptr: p.as_ptr(),
-                        rs: 1,
-                        cs: n as isize,
-                    },
-                    do_mat,
-                    1.0,
-                    par_gemm,
-                );
-                // dP (qn, n) = dO V^T
+            };
+            // dP (qn, kn) = dO V_blk^T into `dp`.
+            let dprobs = |dp: &mut [f32], kb0: usize, kn: usize| unsafe {
                 mm(
                     qn,
-                    n,
+                    kn,
                     hd,
                     dp.as_mut_ptr(),
-                    n as isize,
+                    kn as isize,
                     false,
                     do_mat,
-                    vt_mat,
+                    vt_at(kb0),
                     1.0,
                     par_gemm,
                 );
-            }
-            // dS = P * (dP - rowsum(dP * P)), in place in dp.
-            for (pr, dr) in p.chunks_exact(n).zip(dp.chunks_exact_mut(n)) {
-                let s = dot(pr, dr);
-                for (o, &pv) in dr.iter_mut().zip(pr) {
-                    *o = pv * (*o - s);
+            };
+            // P of a key block from the final row statistics.
+            let probs = |p: &mut [f32], m: &[f32], l: &[f32], kb0: usize, kn: usize| {
+                scores(p, kb0, kn);
+                for ((row, &mi), &li) in p.chunks_exact_mut(kn).zip(m).zip(l) {
+                    softmax_probs(row, mi, 1.0 / li);
+                }
+            };
+            // SAFETY (all `out` writes): this task owns rows r0..r0+n of the
+            // head's q, k and v column blocks; `p`/`dp` are its own buffers.
+            // Sweep 1: the row statistics m, l.
+            for kb0 in (0..n).step_by(kb) {
+                let kn = kb.min(n - kb0);
+                let pb = &mut p[..qn * kn];
+                scores(pb, kb0, kn);
+                for ((row, mi), li) in pb.chunks_exact_mut(kn).zip(m.iter_mut()).zip(l.iter_mut()) {
+                    let mut alpha = 0.0;
+                    softmax_online(row, mi, li, &mut alpha);
                 }
             }
-            unsafe {
-                // dQ (qn, hd) = scale dS K
-                mm(
-                    qn,
-                    hd,
-                    n,
-                    out_ptr.get().add((r0 + q0) * c3 + qoff),
-                    ld,
-                    false,
-                    Mat {
-                        ptr: dp.as_ptr(),
-                        rs: n as isize,
-                        cs: 1,
-                    },
-                    k_mat,
-                    scale,
-                    par_gemm,
-                );
-                // dK (n, hd) += scale dS^T Q
-                mm(
-                    n,
-                    hd,
-                    qn,
-                    out_ptr.get().add(r0 * c3 + koff),
-                    ld,
-                    true,
-                    Mat {
-                        ptr: dp.as_ptr(),
-                        rs: 1,
-                        cs: n as isize,
-                    },
-                    q_mat,
-                    scale,
-                    par_gemm,
-                );
+            if single {
+                // P = exp(S - m) / l, from the sweep's block.
+                for (row, &li) in p[..qn * n].chunks_exact_mut(n).zip(l.iter()) {
+                    let inv = 1.0 / li;
+                    row.iter_mut().for_each(|v| *v *= inv);
+                }
+            } else {
+                // Sweep 2: D = rowsum(dP * P) over every key block.
+                for kb0 in (0..n).step_by(kb) {
+                    let kn = kb.min(n - kb0);
+                    let (pb, dpb) = (&mut p[..qn * kn], &mut dp[..qn * kn]);
+                    probs(pb, m, l, kb0, kn);
+                    dprobs(dpb, kb0, kn);
+                    for ((pr, dr), ds) in pb
+                        .chunks_exact(kn)
+                        .zip(dpb.chunks_exact(kn))
+                        .zip(dsum.iter_mut())
+                    {
+                        *ds += dot(pr, dr);
+                    }
+                }
+            }
+            // Sweep 3: the gradients, a key block at a time.
+            for kb0 in (0..n).step_by(kb) {
+                let kn = kb.min(n - kb0);
+                let (pb, dpb) = (&mut p[..qn * kn], &mut dp[..qn * kn]);
+                if !single {
+                    probs(pb, m, l, kb0, kn);
+                }
+                unsafe {
+                    // dV_blk (kn, hd) += P^T dO
+                    mm(
+                        kn,
+                        hd,
+                        qn,
+                        out_ptr.get().add((r0 + kb0) * c3 + voff),
+                        ld,
+                        true,
+                        Mat {
+                            ptr: pb.as_ptr(),
+                            rs: 1,
+                            cs: kn as isize,
+                        },
+                        do_mat,
+                        1.0,
+                        par_gemm,
+                    );
+                }
+                dprobs(dpb, kb0, kn);
+                // dS = P * (dP - D), in place in dp.
+                for ((pr, dr), ds) in pb
+                    .chunks_exact(kn)
+                    .zip(dpb.chunks_exact_mut(kn))
+                    .zip(dsum.iter())
+                {
+                    let s = if single { dot(pr, dr) } else { *ds };
+                    for (o, &pv) in dr.iter_mut().zip(pr) {
+                        *o = pv * (*o - s);
+                    }
+                }
+                unsafe {
+                    // dQ (qn, hd) += scale dS K_blk
+                    mm(
+                        qn,
+                        hd,
+                        kn,
+                        out_ptr.get().add((r0 + q0) * c3 + qoff),
+                        ld,
+                        true,
+                        Mat {
+                            ptr: dpb.as_ptr(),
+                            rs: kn as isize,
+                            cs: 1,
+                        },
+                        k_at(kb0),
+                        scale,
+                        par_gemm,
+                    );
+                    // dK_blk (kn, hd) += scale dS^T Q
+                    mm(
+                        kn,
+                        hd,
+                        qn,
+                        out_ptr.get().add((r0 + kb0) * c3 + koff),
+                        ld,
+                        true,
+                        Mat {
+                            ptr: dpb.as_ptr(),
+                            rs: 1,
+                            cs: kn as isize,
+                        },
+                        q_mat,
+                        scale,
+                        par_gemm,
+                    );
+                }
             }
             q0 += qn;
         }
     };
     let work: usize = tasks.iter().map(|&(_, n, _)| n * n * hd).sum();
     if tasks.len() <= 1 || work < (1 << 16) || par_gemm {
-        let mut bufs = (Vec::new(), Vec::new());
+        let mut bufs = Bufs::default();
         for task in &tasks {
             run(&mut bufs, task);
         }
@@ -1151,7 +1228,7 @@ fn attention_backward(
         tasks
             .par_iter()
             .with_max_len(1)
-            .for_each_init(|| (Vec::new(), Vec::new()), run);
+            .for_each_init(Bufs::default, run);
     }
     Ok(CpuTensor::from_result(out, qkv.shape(), qkv.dtype()))
 }

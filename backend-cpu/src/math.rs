@@ -127,8 +127,9 @@ fn unary_backward_generic(op: Unary, x: &[f32], g: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// Largest element of a row (NaN ignored; -inf when empty or all -inf).
 #[inline(always)]
-fn softmax_generic(row: &mut [f32]) {
+fn row_max(row: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = row.chunks_exact(8);
     let rest = chunks.remainder();
@@ -143,14 +144,55 @@ fn softmax_generic(row: &mut [f32]) {
             max = v;
         }
     }
-    if max == f32::NEG_INFINITY {
-        // All -inf (or NaN): follow exp(x - max) = NaN like torch.
-        max = 0.0;
+    max
+}
+
+/// The shift subtracted before `exp`: the running max, or 0 while every score
+/// so far is -inf (then `exp(x - 0)` is 0, or NaN for NaN, like torch).
+#[inline(always)]
+fn shift_of(m: f32) -> f32 {
+    if m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        m
     }
+}
+
+/// One step of the streaming (online) softmax over a block of a row's
+/// scores: with `m` and `l` the running max and sum of `exp(s - m)` over the
+/// blocks before, sets `m` to the max including this block, turns the block
+/// into `exp(s - m)`, rescales `l` and adds the block's sum; `alpha =
+/// exp(m_old - m_new)` is what earlier partial results must be scaled by.
+#[inline(always)]
+fn softmax_online_generic(row: &mut [f32], m: &mut f32, l: &mut f32, alpha: &mut f32) {
+    let mx = row_max(row);
+    let m_new = if mx > *m { mx } else { *m };
+    let shift = shift_of(m_new);
+    *alpha = exp(*m - shift);
     for v in row.iter_mut() {
-        *v = exp(*v - max);
+        *v = exp(*v - shift);
     }
-    let inv = 1.0 / crate::util::sum(row);
+    *l = *l * *alpha + crate::util::sum(row);
+    *m = m_new;
+}
+
+/// Softmax probabilities of a block of a row from its final statistics:
+/// `exp(s - m) * inv_l`.
+#[inline(always)]
+fn softmax_probs_generic(row: &mut [f32], m: f32, inv_l: f32) {
+    let shift = shift_of(m);
+    for v in row.iter_mut() {
+        *v = exp(*v - shift) * inv_l;
+    }
+}
+
+/// A whole row's softmax: one online step from empty statistics, then the
+/// normalisation (so a one-block streaming softmax gives the same bits).
+#[inline(always)]
+fn softmax_generic(row: &mut [f32]) {
+    let (mut m, mut l, mut alpha) = (f32::NEG_INFINITY, 0.0, 0.0);
+    softmax_online_generic(row, &mut m, &mut l, &mut alpha);
+    let inv = 1.0 / l;
     for v in row.iter_mut() {
         *v *= inv;
     }
@@ -170,6 +212,17 @@ simd_kernel! {
 simd_kernel! {
     /// In-place numerically stable softmax of a row (subtracts the row max).
     pub(crate) fn softmax / softmax_at(row: &mut [f32]) = softmax_generic;
+}
+
+simd_kernel! {
+    /// One streaming-softmax step over a block of a row's scores (see
+    /// `softmax_online_generic`).
+    pub(crate) fn softmax_online / softmax_online_at(row: &mut [f32], m: &mut f32, l: &mut f32, alpha: &mut f32) = softmax_online_generic;
+}
+
+simd_kernel! {
+    /// `exp(s - m) * inv_l` over a block of a row (see `softmax_probs_generic`).
+    pub(crate) fn softmax_probs / softmax_probs_at(row: &mut [f32], m: f32, inv_l: f32) = softmax_probs_generic;
 }
 
 #[cfg(test)]

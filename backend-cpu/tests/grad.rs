@@ -696,6 +696,8 @@ fn attention_backward_matches_finite_differences() {
     attention_case(74, &[0, 150, 170], 2, 16, Some(60));
     // A single task (parallel gemm inside).
     attention_case(75, &[0, 140], 1, 32, Some(40));
+    // Longer than one key block (512): the three-sweep streaming backward.
+    attention_case(76, &[0, 700], 1, 8, Some(30));
 }
 
 #[test]

@@ -990,6 +990,20 @@ fn attention_large_segments_and_errors() {
         1e-5,
     )
     .unwrap();
+    // Longer than one key block of the streaming softmax (512): three blocks,
+    // the last partial.
+    let long = [0, 1100];
+    let ql: Vec<f32> = rng.vec(1100 * 3 * d).iter().map(|v| 1.5 * v).collect();
+    let y = be()
+        .attention(&t(&ql, &[1100, 3 * d]), heads, &long)
+        .unwrap();
+    close(
+        "attention (3 key blocks)",
+        &host(&y),
+        &ref_attention(&ql, &long, heads, d),
+        1e-5,
+    )
+    .unwrap();
     let qt = t(&qkv, &[318, 3 * d]);
     assert!(matches!(be().attention(&qt, 5, &seg), Err(Error::Input(_))));
     assert!(matches!(
