@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch side of `dcdit-cli bench --against-pytorch`.
 
-    pip install torch --index-url https://download.pytorch.org/whl/cpu
-    pip install safetensors pyyaml numpy
+    pip install torch safetensors pyyaml numpy
     python3 bench/pytorch_bench.py MANIFEST.json > result.json
 
 `dcdit-cli bench` writes MANIFEST.json into a temporary folder together with the

@@ -3,11 +3,10 @@
 #
 #     bash bench/run.sh
 #
-# Needs the Rust toolchain and python3 with torch (CPU build), safetensors,
+# Needs the Rust toolchain and python3 with torch, safetensors,
 # pyyaml and numpy:
 #
-#     pip install torch --index-url https://download.pytorch.org/whl/cpu
-#     pip install safetensors pyyaml numpy
+#     pip install torch safetensors pyyaml numpy
 #
 # Writes bench/results/{machine.txt,bench.txt,bench.json,kernels.txt}.
 # Environment: ITERS (timed runs per figure, default 9), WARMUP (default 2),

@@ -926,7 +926,7 @@ fn gemm_workload(a: &BenchArgs, backend: &CpuBackend, spec: &ModelSpec) -> Resul
 // PyTorch
 // ---------------------------------------------------------------------------
 
-const TORCH_INSTALL: &str = "pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install safetensors pyyaml numpy";
+const TORCH_INSTALL: &str = "pip install torch safetensors pyyaml numpy";
 
 fn script_path(a: &BenchArgs) -> Result<PathBuf> {
     if let Some(s) = &a.script {
