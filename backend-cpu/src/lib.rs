@@ -12,7 +12,8 @@
 //!   (weights used transposed through strides, no copy); a k x k `conv2d` is
 //!   k sliding-window gemms over a zero-padded copy of the input (in NHWC a
 //!   kernel row's pixels are adjacent, so no im2col buffer); attention runs
-//!   two gemms per `(segment, head, query block)` task.
+//!   a streaming (online) softmax over blocks of 512 keys, two gemms per
+//!   block of a `(segment, head, query block)` task.
 //! * Element-wise, norm and reduction loops are plain Rust compiled per SIMD
 //!   level (AVX-512, AVX2 + FMA, baseline) and picked at run time.
 //! * Output buffers are recycled through a pool ([`pool`]): a steady-state
