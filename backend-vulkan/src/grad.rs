@@ -9,7 +9,7 @@ use dcdit_core::{Error, Result};
 use crate::engine::Buffer;
 use crate::{
     check_attention, check_block, check_conv_args, check_dechunk_args, check_per_sample,
-    check_segments, dechunk_push, f, groups1, groups_rows, u, Ew, VkTensor, VulkanBackend,
+    check_segments, dechunk_push, f, groups1, groups_rows, u, Ew, Src, VkTensor, VulkanBackend,
 };
 
 fn check_g(op: &str, g: &VkTensor, rows: usize, cols: usize) -> Result<()> {
@@ -112,7 +112,7 @@ impl GradBackend for VulkanBackend {
         let out = if k == 0 {
             self.full_f32(&[m, n], 0.0)?.buf
         } else {
-            self.gemm(&self.view(a)?, ast, &self.view(b)?, bst, None, m, n, k)?
+            self.gemm(Src::of(a), ast, Src::of(b), bst, None, m, n, k)?
         };
         self.wrap(out, &[m, n], a)
     }
@@ -194,9 +194,9 @@ impl GradBackend for VulkanBackend {
             self.full_f32(&[cout, kk], 0.0)?.buf
         } else if k == 1 {
             self.gemm(
-                &self.view(g)?,
+                Src::of(g),
                 (1, cout),
-                &self.view(x)?,
+                Src::of(x),
                 (cin, 1),
                 None,
                 cout,
@@ -221,9 +221,9 @@ impl GradBackend for VulkanBackend {
                 groups1(cn),
             )?;
             self.gemm(
-                &self.view(g)?,
+                Src::of(g),
                 (1, cout),
-                &cols,
+                Src::f32(&cols),
                 (kk, 1),
                 None,
                 cout,

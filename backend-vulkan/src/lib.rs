@@ -136,6 +136,31 @@ pub(crate) enum Ew {
     Ema = 14,
 }
 
+/// A GEMM operand: a buffer and the format its elements are stored in (f32,
+/// or f16/bf16 packed two per word), read as such by `shaders/gemm.comp`.
+#[derive(Clone, Copy)]
+pub(crate) struct Src<'a>(pub(crate) &'a Arc<Buffer>, pub(crate) DType);
+
+impl<'a> Src<'a> {
+    /// A tensor's storage as it is.
+    pub(crate) fn of(t: &'a VkTensor) -> Self {
+        Src(&t.buf, t.dtype)
+    }
+
+    /// An f32 buffer.
+    pub(crate) fn f32(b: &'a Arc<Buffer>) -> Self {
+        Src(b, DType::F32)
+    }
+
+    fn fmt(self) -> u32 {
+        match self.1 {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+        }
+    }
+}
+
 /// Modes of `shaders/convert.comp` (16-bit storage).
 #[derive(Clone, Copy)]
 pub(crate) enum Convert {
@@ -455,9 +480,9 @@ impl VulkanBackend {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm(
         &self,
-        a: &Arc<Buffer>,
+        a: Src<'_>,
         (a_rs, a_cs): (usize, usize),
-        b: &Arc<Buffer>,
+        b: Src<'_>,
         (b_rs, b_cs): (usize, usize),
         bias: Option<&Arc<Buffer>>,
         m: usize,
@@ -470,7 +495,7 @@ impl VulkanBackend {
         }
         self.run(
             "gemm",
-            &[a, b, bias.unwrap_or(self.dummy()), &out],
+            &[a.0, b.0, bias.unwrap_or(self.dummy()), &out],
             &[
                 u(m),
                 u(n),
@@ -481,6 +506,8 @@ impl VulkanBackend {
                 u(b_cs),
                 bias.is_some() as u32,
                 f(1.0),
+                a.fmt(),
+                b.fmt(),
             ],
             [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
         )?;
@@ -716,9 +743,9 @@ impl Backend for VulkanBackend {
             }
         }
         let out = self.gemm(
-            &self.view(x)?,
+            Src::of(x),
             (k, 1),
-            &self.view(w)?,
+            Src::of(w),
             (1, k),
             b.map(|t| self.view(t)).transpose()?.as_ref(),
             n,

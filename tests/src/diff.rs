@@ -703,7 +703,14 @@ pub fn run_generic<B: GradBackend>(
             let y = b.unary(&h, dcdit_core::backend::Unary::Silu)?;
             let hf = b.cast(&h, DType::F32)?;
             let yf = b.cast(&y, DType::F32)?;
-            vec![hf, yf, h, y]
+            // Products of 16-bit operands (a device GEMM may read them in
+            // their packed storage directly).
+            let rows = b.shape(&t[2])[0];
+            let idx: Vec<u32> = (0..rows.min(17) as u32).collect();
+            let w = b.cast(&b.gather_rows(&t[2], &idx)?, p.dtype)?;
+            let z = b.linear(&h, &w, None)?;
+            let zt = b.matmul(&w, &h, false, true)?;
+            vec![hf, yf, h, y, z, zt]
         }
         Reshape => {
             let n: usize = b.shape(&t[0]).iter().product();
