@@ -248,14 +248,9 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u64) -> Vec<bf16> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-            })
+        crate::util::test_data(n, seed)
+            .into_iter()
+            .map(bf16::from_f32)
             .collect()
     }
 

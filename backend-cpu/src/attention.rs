@@ -241,14 +241,9 @@ mod tests {
     use crate::grad::attention_backward_blocked;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
+        crate::util::test_data(n, seed)
+            .into_iter()
+            .map(|v| 2.0 * v)
             .collect()
     }
 

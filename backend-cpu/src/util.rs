@@ -328,3 +328,17 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     s
 }
+
+/// Deterministic test data in `[-1, 1)` (a 64-bit LCG), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -36,16 +36,27 @@ fn forward_reproduces_golden_case() {
     forward_case("pred_rect_drop", &[]);
 }
 
+/// Whether Vulkan device 0 opens; without one a test is skipped, unless
+/// `DCDIT_REQUIRE_VULKAN=1` (then it fails).
+fn vulkan_available() -> bool {
+    match dcdit_backend_vulkan::VulkanBackend::new(0) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("DCDIT_REQUIRE_VULKAN").map_or(true, |v| v != "1"),
+                "DCDIT_REQUIRE_VULKAN=1 but no Vulkan device: {e}"
+            );
+            eprintln!("SKIPPED (no Vulkan device): {e}");
+            false
+        }
+    }
+}
+
 /// `forward --backend vulkan` on every golden case (skipped without a Vulkan
 /// device unless `DCDIT_REQUIRE_VULKAN=1`).
 #[test]
 fn forward_on_vulkan_reproduces_golden_cases() {
-    if let Err(e) = dcdit_backend_vulkan::VulkanBackend::new(0) {
-        assert!(
-            std::env::var("DCDIT_REQUIRE_VULKAN").map_or(true, |v| v != "1"),
-            "DCDIT_REQUIRE_VULKAN=1 but no Vulkan device: {e}"
-        );
-        eprintln!("SKIPPED (no Vulkan device): {e}");
+    if !vulkan_available() {
         return;
     }
     let mut n = 0;
@@ -327,15 +338,14 @@ fn cli_validated(args: &[&str], fault: bool) -> (bool, String) {
 /// `DCDIT_REQUIRE_VULKAN=1` (then both must be there).
 #[test]
 fn vulkan_commands_pass_synchronization_validation() {
-    let required = std::env::var("DCDIT_REQUIRE_VULKAN").is_ok_and(|v| v == "1");
-    let missing = match dcdit_backend_vulkan::VulkanBackend::new(0) {
-        Err(e) => Some(format!("no Vulkan device: {e}")),
-        Ok(_) if !Path::new(VALIDATION_LAYER).exists() => Some(format!(
+    if !vulkan_available() {
+        return;
+    }
+    if !Path::new(VALIDATION_LAYER).exists() {
+        let why = format!(
             "no validation layer at {VALIDATION_LAYER} (apt-get install vulkan-validationlayers)"
-        )),
-        Ok(_) => None,
-    };
-    if let Some(why) = missing {
+        );
+        let required = std::env::var("DCDIT_REQUIRE_VULKAN").is_ok_and(|v| v == "1");
         assert!(!required, "DCDIT_REQUIRE_VULKAN=1 but {why}");
         eprintln!("SKIPPED: {why}");
         return;
@@ -436,12 +446,7 @@ fn logged_losses(run: &Path) -> Vec<(u64, [f64; 4])> {
 /// `DCDIT_REQUIRE_VULKAN=1`.
 #[test]
 fn vulkan_training_matches_cpu_step_for_step_and_samples() {
-    if let Err(e) = dcdit_backend_vulkan::VulkanBackend::new(0) {
-        assert!(
-            std::env::var("DCDIT_REQUIRE_VULKAN").map_or(true, |v| v != "1"),
-            "DCDIT_REQUIRE_VULKAN=1 but no Vulkan device: {e}"
-        );
-        eprintln!("SKIPPED (no Vulkan device): {e}");
+    if !vulkan_available() {
         return;
     }
     let base = tmp("train-vk");
