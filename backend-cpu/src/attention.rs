@@ -43,6 +43,30 @@ struct Task {
     qn: usize,
 }
 
+/// Checks `qkv (T, 3d)` against the heads and segments; returns `(T, d)`.
+pub(crate) fn check_qkv(
+    op: &str,
+    qkv: &CpuTensor,
+    heads: usize,
+    seg: Segments,
+) -> Result<(usize, usize)> {
+    let (t, c3) = qkv.dims2();
+    check_segments(op, seg, t)?;
+    if c3 % 3 != 0 {
+        return Err(Error::input(format!(
+            "{op}: qkv width {c3} ({:?}) is not a multiple of 3",
+            qkv.shape()
+        )));
+    }
+    let d = c3 / 3;
+    if heads == 0 || d % heads != 0 {
+        return Err(Error::input(format!(
+            "{op}: width {d} cannot be split into {heads} heads"
+        )));
+    }
+    Ok((t, d))
+}
+
 /// Packed multi-head attention; `qkv (T, 3d)` → `(T, d)`.
 pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<CpuTensor> {
     attention_blocked(qkv, heads, seg, KEY_BLOCK)
@@ -56,20 +80,7 @@ pub(crate) fn attention_blocked(
     kb: usize,
 ) -> Result<CpuTensor> {
     let kb = kb.max(1);
-    let (t, c3) = qkv.dims2();
-    check_segments("attention", seg, t)?;
-    if c3 % 3 != 0 {
-        return Err(Error::input(format!(
-            "attention: qkv width {c3} ({:?}) is not a multiple of 3",
-            qkv.shape()
-        )));
-    }
-    let d = c3 / 3;
-    if heads == 0 || d % heads != 0 {
-        return Err(Error::input(format!(
-            "attention: width {d} cannot be split into {heads} heads"
-        )));
-    }
+    let (t, d) = check_qkv("attention", qkv, heads, seg)?;
     let hd = d / heads;
     let mut out = crate::pool::take_zeroed(t * d);
     if t == 0 || d == 0 {
@@ -98,7 +109,7 @@ pub(crate) fn attention_blocked(
         }
     }
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let stride = c3;
+    let stride = 3 * d;
     let run = |(scores, stats): &mut (Vec<f32>, Vec<f32>), task: &Task| {
         let Task {
             r0,

@@ -992,20 +992,8 @@ pub(crate) fn attention_backward_blocked(
     kb: usize,
 ) -> Result<CpuTensor> {
     let kb = kb.max(1);
-    let (t, c3) = qkv.dims2();
-    check_segments("attention_backward", seg, t)?;
-    if c3 % 3 != 0 {
-        return Err(Error::input(format!(
-            "attention_backward: qkv width {c3} ({:?}) is not a multiple of 3",
-            qkv.shape()
-        )));
-    }
-    let d = c3 / 3;
-    if heads == 0 || d % heads != 0 {
-        return Err(Error::input(format!(
-            "attention_backward: width {d} cannot be split into {heads} heads"
-        )));
-    }
+    let (t, d) = crate::attention::check_qkv("attention_backward", qkv, heads, seg)?;
+    let c3 = 3 * d;
     check_g("attention_backward", g, t, d)?;
     let hd = d / heads;
     let mut out = crate::pool::take_zeroed(t * c3);

@@ -8,8 +8,9 @@
 //! ([`Hazards`]: it reads or writes a buffer written since, or writes one read
 //! since), so independent dispatches (the two gradient products of a linear
 //! layer, say) may overlap on a GPU; which bindings a kernel writes comes from
-//! its GLSL (`readonly` or not), read by the build script. A batch is submitted when it is full (then the next one is
-//! recorded while the device runs it) or when the host needs data
+//! its GLSL (`readonly` or not), read by the build script. A batch is
+//! submitted when it is full (then the next one is recorded while the device
+//! runs it) or when the host needs data
 //! ([`Ctx::read`]), which submits and waits. A batch keeps every buffer it
 //! touches alive until its fence signals, so a tensor dropped by the host is
 //! only recycled into the pool after the device is done with it.

@@ -188,7 +188,9 @@ impl GradBackend for VulkanBackend {
                 groups1(wn),
             )?;
         }
-        let dx = self.conv_raw(&self.view(g)?, grid, cout, &wf, cin, None, k)?;
+        // Widened once (16-bit storage), used twice.
+        let gv = self.view(g)?;
+        let dx = self.conv_raw(&gv, grid, cout, &wf, cin, None, k)?;
         // dw (cout, kk) = g^T (cout, rows) x im2col(x) (rows, kk).
         let dw = if rows == 0 {
             self.full_f32(&[cout, kk], 0.0)?.buf
@@ -231,7 +233,7 @@ impl GradBackend for VulkanBackend {
                 rows,
             )?
         };
-        let db = self.col_sum_buf(&self.view(g)?, None, rows, cout)?;
+        let db = self.col_sum_buf(&gv, None, rows, cout)?;
         Ok((
             self.wrap(dx, &x.shape, x)?,
             self.wrap(dw, &w.shape, w)?,
@@ -257,12 +259,14 @@ impl GradBackend for VulkanBackend {
         }
         check_g("depthwise_conv3x3_backward", g, rows, c)?;
         let n = rows * c;
+        // Widened once (16-bit storage), used twice.
+        let gv = self.view(g)?;
         let dx = self.out(n)?;
         let dw = self.out(9 * c)?;
         if n > 0 {
             self.run(
                 "dwconv",
-                &[&self.view(g)?, &self.view(w)?, &dx],
+                &[&gv, &self.view(w)?, &dx],
                 &[u(n), 1, u(grid.height), u(grid.width), u(c)],
                 groups1(n),
             )?;
@@ -270,7 +274,7 @@ impl GradBackend for VulkanBackend {
         if c > 0 {
             self.run(
                 "dwconv_dw",
-                &[&self.view(x)?, &self.view(g)?, &dw],
+                &[&self.view(x)?, &gv, &dw],
                 &[u(rows), u(grid.height), u(grid.width), u(c)],
                 [c.div_ceil(64) as u32, 9, 1],
             )?;
@@ -308,6 +312,8 @@ impl GradBackend for VulkanBackend {
         }
         check_g("group_norm_backward", g, rows, c)?;
         let n = rows * c;
+        // Widened once (16-bit storage), used twice.
+        let gv = self.view(g)?;
         let dx = self.out(n)?;
         let t = self.out(n)?;
         if n > 0 {
@@ -315,7 +321,7 @@ impl GradBackend for VulkanBackend {
                 "groupnorm",
                 &[
                     &self.view(x)?,
-                    &self.view(g)?,
+                    &gv,
                     &self.view(gamma)?,
                     self.dummy(),
                     &dx,
@@ -326,7 +332,7 @@ impl GradBackend for VulkanBackend {
             )?;
         }
         let dgamma = self.col_sum_buf(&t, None, rows, c)?;
-        let dbeta = self.col_sum_buf(&self.view(g)?, None, rows, c)?;
+        let dbeta = self.col_sum_buf(&gv, None, rows, c)?;
         Ok((
             self.wrap(dx, &x.shape, x)?,
             self.wrap(dgamma, &gamma.shape, gamma)?,
@@ -397,19 +403,11 @@ impl GradBackend for VulkanBackend {
         let s = seg.len() - 1;
         let dada = self.full_f32(&ada.shape, 0.0)?.buf;
         let sb = self.seg_buf(seg)?;
+        // Widened once (16-bit storage), used twice.
+        let gv = self.view(g)?;
+        self.colred(&gv, None, &sb, s, c, &dada, vc, shift_at * c, false)?;
         self.colred(
-            &self.view(g)?,
-            None,
-            &sb,
-            s,
-            c,
-            &dada,
-            vc,
-            shift_at * c,
-            false,
-        )?;
-        self.colred(
-            &self.view(g)?,
+            &gv,
             Some(&self.view(x)?),
             &sb,
             s,
@@ -463,27 +461,21 @@ impl GradBackend for VulkanBackend {
         let dqkv = self.out(t * 3 * d)?;
         if t > 0 && d > 0 {
             let (out, lse, blk, nblk) = self.attention_raw(qkv, heads, seg, t, d)?;
+            // Widened once (16-bit storage), used twice.
+            let (qkvv, gv) = (self.view(qkv)?, self.view(g)?);
             let dd = self.out(t * heads)?;
             let hd = d / heads;
             let push = [u(d), u(heads), u(hd), f(1.0 / (hd as f32).sqrt()), u(nblk)];
             let grid = [nblk as u32, heads as u32, 1];
             self.run(
                 crate::attn_kernel("attn_bwd_dq", hd),
-                &[
-                    &self.view(qkv)?,
-                    &blk,
-                    &out,
-                    &self.view(g)?,
-                    &lse,
-                    &dd,
-                    &dqkv,
-                ],
+                &[&qkvv, &blk, &out, &gv, &lse, &dd, &dqkv],
                 &push,
                 grid,
             )?;
             self.run(
                 crate::attn_kernel("attn_bwd_dkv", hd),
-                &[&self.view(qkv)?, &blk, &self.view(g)?, &lse, &dd, &dqkv],
+                &[&qkvv, &blk, &gv, &lse, &dd, &dqkv],
                 &push,
                 grid,
             )?;
