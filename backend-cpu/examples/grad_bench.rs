@@ -138,5 +138,43 @@ fn mnist_shapes(b: &CpuBackend) -> dcdit_core::Result<()> {
             .unwrap()
     });
     println!("mnist dechunk_smooth ({segs} x {len} rows, d {d}): forward {fwd:.2} ms, backward {bwd:.2} ms");
+    // The DiT blocks' linear layers (K = 64 or 256) and their backward GEMMs.
+    for (k, m) in [(d, 4 * d), (d, 3 * d), (4 * d, d)] {
+        let x = t(data(tt * k, 13), &[tt, k])?;
+        let w = t(data(m * k, 14), &[m, k])?;
+        let bias = t(data(m, 15), &[m])?;
+        let g = t(data(tt * m, 16), &[tt, m])?;
+        let fwd = time(15, || b.linear(&x, &w, Some(&bias)).unwrap());
+        let dx = time(15, || b.matmul(&g, &w, false, false).unwrap());
+        let dw = time(15, || b.matmul(&g, &x, true, false).unwrap());
+        let gf = 2.0 * (tt * k * m) as f64 * 1e-6;
+        println!(
+            "mnist linear {tt}x{k}x{m}: forward {fwd:.2} ms ({:.1} GFLOP/s), dx {dx:.2} ms ({:.1}), dw {dw:.2} ms ({:.1})",
+            gf / fwd,
+            gf / dx,
+            gf / dw
+        );
+    }
+    // The encoder's 3x3 convolutions (28x28, 32 channels) and their backward.
+    let grid = Grid {
+        batch: segs,
+        height: side,
+        width: side,
+    };
+    for (cin, cout) in [(32, 32), (32, 64), (64, 32)] {
+        let x = t(data(grid.rows() * cin, 17), &[grid.rows(), cin])?;
+        let w = t(data(cout * 9 * cin, 18), &[cout, 3, 3, cin])?;
+        let bias = t(data(cout, 19), &[cout])?;
+        let g = t(data(grid.rows() * cout, 20), &[grid.rows(), cout])?;
+        let fwd = time(9, || b.conv2d(&x, grid, &w, Some(&bias), 3).unwrap());
+        let bwd = time(9, || b.conv2d_backward(&x, grid, &w, 3, &g).unwrap());
+        let gf = 2.0 * (grid.rows() * 9 * cin * cout) as f64 * 1e-6;
+        println!(
+            "mnist conv3x3 {cin}->{cout} at {}x{side}x{side}: forward {fwd:.2} ms ({:.1} GFLOP/s), backward {bwd:.2} ms ({:.1})",
+            segs,
+            gf / fwd,
+            2.0 * gf / bwd
+        );
+    }
     Ok(())
 }

@@ -1025,6 +1025,9 @@ fn print_torch(v: &Value) {
             w["mask_agrees"],
             f(&w["rel_err_vs_rust"]).unwrap_or(f64::NAN)
         );
+        if let Some(why) = w.get("bf16_skipped").and_then(|s| s.as_str()) {
+            println!("  torch forward bf16 skipped: {why}");
+        }
         if let Some(b) = w.get("bf16") {
             println!(
                 "  torch forward bf16 {:.1} ms | rel. error vs f32 {:.1e} | mask same as f32: {}",
