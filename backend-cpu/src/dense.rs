@@ -118,11 +118,18 @@ pub(crate) fn check_grid(op: &str, x: &CpuTensor, grid: Grid) -> Result<usize> {
 }
 
 /// A batch of NHWC images copied into a zero-padded layout for the
-/// convolution as sliding-window GEMMs: each image is padded by `pad` pixels
-/// on every side (`hp x wp`), and a margin of `pad * wp + pad` zero pixels
-/// before and after the batch keeps every window of every padded position in
-/// bounds. Padded position `q` (in `0..batch * hp * wp`) is pixel
-/// `margin + q` of the buffer.
+/// convolution as sliding-window GEMMs: each image row is preceded by `pad`
+/// zero pixels and each image by `pad` zero rows (`hp = h + pad` rows of
+/// `wp = w + pad` pixels). Neighbours share their padding: a window that runs
+/// off a row's right end reads the next row's leading zeros, one that runs off
+/// an image's bottom the next image's top zero rows, so the GEMMs compute
+/// `(h + pad)(w + pad)` positions an image instead of `(h + 2 pad)(w + 2 pad)`
+/// (32x32, 3x3 kernel: 6.3% instead of 12.9% discarded). A margin of
+/// `pad * wp + pad` zero pixels before and after the batch keeps every window
+/// of every padded position in bounds (the last image's bottom padding is the
+/// trailing margin). Padded position `q` (in `0..batch * hp * wp`) is pixel
+/// `margin + q` of the buffer; interior pixel `(b, y, x)` is position
+/// `(b * hp + y + pad) * wp + x + pad`.
 pub(crate) struct Padded {
     /// The padded pixels, `(2 * margin + batch * hp * wp, c)`.
     pub data: Vec<f32>,
@@ -138,7 +145,7 @@ impl Padded {
     /// Copies `xs (grid.rows(), c)` into the padded layout.
     pub(crate) fn new(xs: &[f32], grid: Grid, c: usize, pad: usize) -> Padded {
         let (h, w) = (grid.height, grid.width);
-        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let (hp, wp) = (h + pad, w + pad);
         let margin = pad * wp + pad;
         let q = grid.batch * hp * wp;
         // Every element is written below: the margins and borders zeroed,
