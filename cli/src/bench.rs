@@ -343,6 +343,8 @@ struct ForwardRun {
     mask: Vec<bool>,
     kept: usize,
     out: Vec<f32>,
+    /// Per-op times of one profiled forward.
+    ops: Vec<dcdit_backend_cpu::profile::OpTime>,
 }
 
 fn time_forward(
@@ -377,6 +379,14 @@ fn time_forward(
         last = Some((out, host));
     }
     let (out, host) = last.expect("iters > 0");
+    // Where the time goes by backend op: one more (untimed) forward with the
+    // per-op profiler on.
+    backend.reset_op_profile();
+    backend.set_op_profiling(true);
+    let profiled = model.forward(backend, x, t, y, &TailDrop::None);
+    backend.set_op_profiling(false);
+    profiled?;
+    let ops = backend.op_profile();
     let r = out.routing.as_ref();
     let mask = r
         .map(|r| r.mask.clone())
@@ -388,6 +398,7 @@ fn time_forward(
         kept: mask.iter().filter(|m| **m).count(),
         mask,
         out: host,
+        ops,
     })
 }
 
@@ -432,6 +443,10 @@ fn print_profile(name: &str, run: &ForwardRun) {
         total * 1e3,
         f / total,
         100.0
+    );
+    println!(
+        "  {name}: per op (one profiled forward)\n{}",
+        dcdit_backend_cpu::profile::format_table(&run.ops)
     );
 }
 
