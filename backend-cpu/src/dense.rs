@@ -302,6 +302,10 @@ pub(crate) fn conv_padded(
     if grid.rows() == 0 || cout == 0 {
         return;
     }
+    if crate::direct_conv::available() {
+        crate::direct_conv::conv(xp, grid, cin, wt, cout, k, bias, out);
+        return;
+    }
     let pad = k / 2;
     let q = xp.positions(grid);
     let mut op = crate::pool::take(q * cout);

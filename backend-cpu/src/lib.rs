@@ -44,6 +44,7 @@ pub mod amx;
 mod attention;
 mod dechunk;
 mod dense;
+mod direct_conv;
 mod elementwise;
 mod grad;
 mod math;
