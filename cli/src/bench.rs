@@ -1112,6 +1112,15 @@ fn row(
            "ratio": ratio, "target": target, "met": met})
 }
 
+/// Adds the ratio of the two sides' fastest runs to the last row: on a host
+/// whose speed drifts, noise only ever adds time, so the minima are the
+/// steadier comparison next to the medians the targets are judged on.
+fn with_min_ratio(rows: &mut [Value], dcdit_min: Option<f64>, torch_min: Option<f64>) {
+    if let (Some(r), Some((d, t))) = (rows.last_mut(), dcdit_min.zip(torch_min)) {
+        r["ratio_of_minima"] = json!(d / t);
+    }
+}
+
 fn forward_by_keep(v: &Value, keep: f64) -> Option<&Value> {
     v.as_array()?
         .iter()
@@ -1166,6 +1175,8 @@ fn ratio_table(rust: &Value, torch: Option<&Value>) -> Value {
                 None
             },
         ));
+        let best = tw.and_then(|t| t["variants"][t["best"].as_str()?].get("min"));
+        with_min_ratio(&mut rows, f(&w["time"]["min"]), best.and_then(f));
     }
     if let Some(t) = rust.get("train") {
         let d = f(&t["median"]);
@@ -1180,6 +1191,9 @@ fn ratio_table(rust: &Value, torch: Option<&Value>) -> Value {
             "<= 0.5",
             ratio.map(|r| r <= 0.5),
         ));
+        let tv = torch.map(|v| &v["train"]);
+        let best = tv.and_then(|t| t["variants"][t["best"].as_str()?].get("min"));
+        with_min_ratio(&mut rows, f(&t["time"]["min"]), best.and_then(f));
     }
     if let Some(b) = keeps
         .first()
@@ -1269,8 +1283,8 @@ fn ratio_table(rust: &Value, torch: Option<&Value>) -> Value {
 fn print_table(table: &Value, torch: Option<&Value>) {
     println!();
     println!(
-        "{:<58} {:>12} {:>12} {:>7} {:>20} {:>5}",
-        "workload", "dcdit", "PyTorch", "ratio", "target", "met"
+        "{:<58} {:>12} {:>12} {:>7} {:>20} {:>5} {:>9}",
+        "workload", "dcdit", "PyTorch", "ratio", "target", "met", "min ratio"
     );
     let num = |v: &Value, unit: &str| match v.as_f64() {
         Some(x) if unit == "s" => format!("{:.1} ms", x * 1e3),
@@ -1280,7 +1294,7 @@ fn print_table(table: &Value, torch: Option<&Value>) {
     for r in table.as_array().into_iter().flatten() {
         let unit = r["unit"].as_str().unwrap_or("");
         println!(
-            "{:<58} {:>12} {:>12} {:>7} {:>20} {:>5}",
+            "{:<58} {:>12} {:>12} {:>7} {:>20} {:>5} {:>9}",
             r["workload"].as_str().unwrap_or(""),
             num(&r["dcdit"], unit),
             num(&r["pytorch"], unit),
@@ -1293,7 +1307,11 @@ fn print_table(table: &Value, torch: Option<&Value>) {
                 Some(true) => "yes",
                 Some(false) => "NO",
                 None => "-",
-            }
+            },
+            r["ratio_of_minima"]
+                .as_f64()
+                .map(|x| format!("{x:.3}"))
+                .unwrap_or("-".into()),
         );
     }
     if torch.is_none() {

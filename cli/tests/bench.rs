@@ -156,4 +156,11 @@ fn bench_against_pytorch_tiny() {
         .unwrap()
         .iter()
         .all(|r| !r["pytorch"].is_null()));
+    // The forward and training rows also compare the two sides' fastest runs.
+    for r in v["table"].as_array().unwrap() {
+        let w = r["workload"].as_str().unwrap();
+        if w.starts_with("forward f32") || w.starts_with("train step") {
+            assert!(r["ratio_of_minima"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
 }
