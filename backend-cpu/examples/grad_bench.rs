@@ -20,7 +20,9 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Best wall time of `reps` runs (after one warm-up), in milliseconds (the
-/// minimum is the robust statistic on a shared machine).
+/// minimum is the robust statistic on a shared machine). With `FLUSH=1`,
+/// 128 MiB are written before every run, so each starts with cold caches (as
+/// in a training step, whose backward reads activations written long before).
 fn time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
     std::hint::black_box(f());
     let flush = std::env::var("FLUSH").is_ok();

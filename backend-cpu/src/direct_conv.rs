@@ -284,8 +284,9 @@ mod tests {
             let bias = test_data(cout, seed ^ 2);
             let xp = Padded::new(&xs, g, cin, k / 2);
             let mut out = vec![f32::NAN; g.rows() * cout];
-            // SAFETY-free: `available` may be false on an AVX-512 CPU, but
-            // the kernel only needs AVX2 + FMA, checked above.
+            // Called directly: `available` is false on AVX-512 CPUs (they
+            // take the GEMMs), but the kernel needs only AVX2 + FMA, checked
+            // above, so CI machines of either kind test it.
             conv(&xp, g, cin, &wt, cout, k, Some(&bias), &mut out);
             crate::pool::give(xp.data);
             let want = brute(&xs, g, cin, &wt, cout, k, &bias);
