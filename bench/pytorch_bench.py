@@ -32,6 +32,7 @@ Prints one JSON object on stdout; timings are in seconds (median of `iters` runs
 `warmup` runs).
 """
 
+import functools
 import json
 import math
 import os
@@ -248,6 +249,7 @@ def forward_workload(w, iters, warmup, reference_loop):
     return res
 
 
+@functools.cache
 def native_bf16():
     """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX on x86-64, BF16 on
     aarch64). Without it PyTorch emulates bf16 GEMMs at well under 1 GFLOP/s (a

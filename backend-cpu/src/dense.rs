@@ -137,6 +137,8 @@ pub(crate) struct Padded {
     pub hp: usize,
     /// Padded image width.
     pub wp: usize,
+    /// Zero pixels before each row and zero rows before each image.
+    pub pad: usize,
     /// Zero pixels before (and after) the images.
     pub margin: usize,
 }
@@ -176,8 +178,17 @@ impl Padded {
             data,
             hp,
             wp,
+            pad,
             margin,
         }
+    }
+
+    /// Padded position of interior pixel `(b, y, x)`; its window for kernel
+    /// row `ky` starts at buffer pixel `position + ky * wp` (the margin is
+    /// `pad * wp + pad`).
+    #[inline]
+    pub(crate) fn position(&self, b: usize, y: usize, x: usize) -> usize {
+        (b * self.hp + y + self.pad) * self.wp + x + self.pad
     }
 
     /// Number of padded positions (`batch * hp * wp`).
@@ -302,11 +313,11 @@ pub(crate) fn conv_padded(
     if grid.rows() == 0 || cout == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
     if crate::direct_conv::available() {
         crate::direct_conv::conv(xp, grid, cin, wt, cout, k, bias, out);
         return;
     }
-    let pad = k / 2;
     let q = xp.positions(grid);
     let mut op = crate::pool::take(q * cout);
     for ky in 0..k {
@@ -337,7 +348,7 @@ pub(crate) fn conv_padded(
     for_row_chunks(out, w * cout, |r0, chunk| {
         for (i, dst) in chunk.chunks_exact_mut(w * cout).enumerate() {
             let (b, y) = ((r0 + i) / h, (r0 + i) % h);
-            let at = (b * xp.hp * xp.wp + (y + pad) * xp.wp + pad) * cout;
+            let at = xp.position(b, y, 0) * cout;
             dst.copy_from_slice(&op[at..at + w * cout]);
             if let Some(bias) = bias {
                 for px in dst.chunks_exact_mut(cout) {

@@ -15,8 +15,9 @@
 //! included. For every `k`-step of the reduction it issues 6 broadcasts, 2
 //! weight loads and 12 FMAs: FMA-bound on two FMA ports.
 //!
-//! Used on CPUs with AVX2 + FMA but without AVX-512 (where the `gemm`
-//! crate's AVX-512 kernels are used instead); [`available`] says which.
+//! Used on x86-64 CPUs with AVX2 + FMA but without AVX-512 (where the
+//! `gemm` crate's AVX-512 kernels are used instead); [`available`] says
+//! which. The module exists on x86-64 only.
 
 use rayon::prelude::*;
 
@@ -90,18 +91,14 @@ pub(crate) fn conv(
         return;
     }
     let pw = pack_weights(wt, cout, kc);
-    let (h, w, pad) = (grid.height, grid.width, k / 2);
-    let (hp, wp) = (xp.hp, xp.wp);
-    // Interior pixel i (NHWC order) is padded position
-    // (b * hp + y + pad) * wp + x + pad, and its window for kernel row ky
-    // starts at buffer pixel margin + pos + (ky - pad) * wp - pad = pos + ky * wp.
+    let (h, w) = (grid.height, grid.width);
+    // Interior pixel i (NHWC order): where its window starts in the buffer.
     let window = |i: usize| {
         let (b, r) = (i / (h * w), i % (h * w));
-        let (y, x) = (r / w, r % w);
-        ((b * hp + y + pad) * wp + x + pad) * cin
+        xp.position(b, r / w, r % w) * cin
     };
     let data = xp.data.as_ptr() as usize;
-    let ky_stride = wp * cin;
+    let ky_stride = xp.wp * cin;
     let kcin = k * cin;
     let panels = cout.div_ceil(NR);
     out.par_chunks_mut(TASK_PIXELS * cout)
@@ -152,7 +149,6 @@ pub(crate) fn conv(
 
 /// One `MR x NR` output block: `dst[r][j] = bias[j] + sum_{ky, t} a[r][ky *
 /// ky_stride + t] * w[(ky * kcin + t) * NR + j]` for `r < m`, `j < ncols`.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
@@ -198,24 +194,6 @@ unsafe fn block(
             std::ptr::copy_nonoverlapping(tmp.as_ptr(), d, ncols);
         }
     }
-}
-
-/// Never called: [`available`] is false off x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    _: &[*const f32; MR],
-    _: usize,
-    _: usize,
-    _: usize,
-    _: *const f32,
-    _: &[f32; NR],
-    _: *mut f32,
-    _: usize,
-    _: usize,
-    _: usize,
-) {
-    unreachable!("direct convolution without AVX2")
 }
 
 #[cfg(test)]

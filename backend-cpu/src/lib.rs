@@ -44,6 +44,7 @@ pub mod amx;
 mod attention;
 mod dechunk;
 mod dense;
+#[cfg(target_arch = "x86_64")]
 mod direct_conv;
 mod elementwise;
 mod grad;
@@ -175,6 +176,27 @@ impl CpuBackend {
     /// Clears the per-op table.
     pub fn reset_op_profile(&self) {
         self.profile.reset();
+    }
+
+    /// Runs `f` with per-op profiling on, from an empty table, and returns
+    /// its result with the ops' times (largest first); profiling is off
+    /// afterwards.
+    ///
+    /// ```
+    /// use dcdit_backend_cpu::CpuBackend;
+    /// use dcdit_core::backend::{Backend, Unary};
+    /// let b = CpuBackend::try_with_threads(1).unwrap();
+    /// let x = b.from_f32(&[1.0, 2.0], &[2]).unwrap();
+    /// let (y, ops) = b.with_op_profile(|| b.unary(&x, Unary::Silu));
+    /// assert!(y.is_ok());
+    /// assert_eq!(ops[0].name, "unary");
+    /// ```
+    pub fn with_op_profile<R>(&self, f: impl FnOnce() -> R) -> (R, Vec<profile::OpTime>) {
+        self.reset_op_profile();
+        self.set_op_profiling(true);
+        let r = f();
+        self.set_op_profiling(false);
+        (r, self.op_profile())
     }
 }
 

@@ -381,12 +381,9 @@ fn time_forward(
     let (out, host) = last.expect("iters > 0");
     // Where the time goes by backend op: one more (untimed) forward with the
     // per-op profiler on.
-    backend.reset_op_profile();
-    backend.set_op_profiling(true);
-    let profiled = model.forward(backend, x, t, y, &TailDrop::None);
-    backend.set_op_profiling(false);
+    let (profiled, ops) =
+        backend.with_op_profile(|| model.forward(backend, x, t, y, &TailDrop::None));
     profiled?;
-    let ops = backend.op_profile();
     let r = out.routing.as_ref();
     let mask = r
         .map(|r| r.mask.clone())
@@ -803,13 +800,9 @@ fn train_workload(
     let first = first.expect("at least one step");
     // Where a step's time goes, by backend op: one more (untimed) step with
     // the per-op profiler on.
-    backend.reset_op_profile();
-    backend.set_op_profiling(true);
     trainer.rng = Rng::new(TRAIN_SEED);
-    let profiled = trainer.step(n_data, &mut source);
-    backend.set_op_profiling(false);
+    let (profiled, ops) = backend.with_op_profile(|| trainer.step(n_data, &mut source));
     profiled?;
-    let ops = backend.op_profile();
     println!(
         "train-step per-op profile (one step):\n{}",
         dcdit_backend_cpu::profile::format_table(&ops)
@@ -1112,11 +1105,13 @@ fn row(
            "ratio": ratio, "target": target, "met": met})
 }
 
-/// Adds the ratio of the two sides' fastest runs to the last row: on a host
+/// Adds the ratio of the two sides' fastest runs (dcdit's workload `ours`,
+/// the fastest variant of PyTorch's `theirs`) to the last row: on a host
 /// whose speed drifts, noise only ever adds time, so the minima are the
 /// steadier comparison next to the medians the targets are judged on.
-fn with_min_ratio(rows: &mut [Value], dcdit_min: Option<f64>, torch_min: Option<f64>) {
-    if let (Some(r), Some((d, t))) = (rows.last_mut(), dcdit_min.zip(torch_min)) {
+fn with_min_ratio(rows: &mut [Value], ours: &Value, theirs: Option<&Value>) {
+    let torch_min = theirs.and_then(|t| f(&t["variants"][t["best"].as_str()?]["min"]));
+    if let (Some(r), Some((d, t))) = (rows.last_mut(), f(&ours["time"]["min"]).zip(torch_min)) {
         r["ratio_of_minima"] = json!(d / t);
     }
 }
@@ -1175,8 +1170,7 @@ fn ratio_table(rust: &Value, torch: Option<&Value>) -> Value {
                 None
             },
         ));
-        let best = tw.and_then(|t| t["variants"][t["best"].as_str()?].get("min"));
-        with_min_ratio(&mut rows, f(&w["time"]["min"]), best.and_then(f));
+        with_min_ratio(&mut rows, w, tw);
     }
     if let Some(t) = rust.get("train") {
         let d = f(&t["median"]);
@@ -1191,9 +1185,7 @@ fn ratio_table(rust: &Value, torch: Option<&Value>) -> Value {
             "<= 0.5",
             ratio.map(|r| r <= 0.5),
         ));
-        let tv = torch.map(|v| &v["train"]);
-        let best = tv.and_then(|t| t["variants"][t["best"].as_str()?].get("min"));
-        with_min_ratio(&mut rows, f(&t["time"]["min"]), best.and_then(f));
+        with_min_ratio(&mut rows, t, torch.map(|v| &v["train"]));
     }
     if let Some(b) = keeps
         .first()
@@ -1291,6 +1283,7 @@ fn print_table(table: &Value, torch: Option<&Value>) {
         Some(x) => format!("{x:.2}"),
         None => "-".into(),
     };
+    let ratio = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.3}"));
     for r in table.as_array().into_iter().flatten() {
         let unit = r["unit"].as_str().unwrap_or("");
         println!(
@@ -1298,20 +1291,14 @@ fn print_table(table: &Value, torch: Option<&Value>) {
             r["workload"].as_str().unwrap_or(""),
             num(&r["dcdit"], unit),
             num(&r["pytorch"], unit),
-            r["ratio"]
-                .as_f64()
-                .map(|x| format!("{x:.3}"))
-                .unwrap_or("-".into()),
+            ratio(&r["ratio"]),
             r["target"].as_str().unwrap_or(""),
             match r["met"].as_bool() {
                 Some(true) => "yes",
                 Some(false) => "NO",
                 None => "-",
             },
-            r["ratio_of_minima"]
-                .as_f64()
-                .map(|x| format!("{x:.3}"))
-                .unwrap_or("-".into()),
+            ratio(&r["ratio_of_minima"]),
         );
     }
     if torch.is_none() {
