@@ -50,16 +50,48 @@ fn main() -> dcdit_core::Result<()> {
     let b = CpuBackend::with_threads(threads);
     println!("{}", b.name());
 
-    // DCDIT_GRAD_BENCH=mnist runs only the MNIST shapes.
-    let only_mnist = std::env::var("DCDIT_GRAD_BENCH").is_ok_and(|v| v == "mnist");
-    if !only_mnist {
-        dcdit_b_shapes(&b)?;
+    // DCDIT_GRAD_BENCH=mnist runs only the MNIST shapes, =conv only the
+    // convolutions.
+    let only = std::env::var("DCDIT_GRAD_BENCH").unwrap_or_default();
+    if only != "mnist" {
+        dcdit_b_shapes(&b, only == "conv")?;
     }
-    mnist_shapes(&b)
+    mnist_shapes(&b, only == "conv")
+}
+
+/// Times `conv2d` and `conv2d_backward` at each `(cin, cout)` and kernel size.
+fn conv_shapes(
+    b: &CpuBackend,
+    label: &str,
+    grid: Grid,
+    channels: &[(usize, usize)],
+    ks: &[usize],
+) -> dcdit_core::Result<()> {
+    let rows = grid.rows();
+    for &(cin, cout) in channels {
+        for &k in ks {
+            let x = b.from_f32(&data(rows * cin, 17), &[rows, cin])?;
+            let w = b.from_f32(&data(cout * k * k * cin, 18), &[cout, k, k, cin])?;
+            let bias = b.from_f32(&data(cout, 19), &[cout])?;
+            let g = b.from_f32(&data(rows * cout, 20), &[rows, cout])?;
+            let fwd = time(9, || b.conv2d(&x, grid, &w, Some(&bias), k).unwrap());
+            let bwd = time(9, || b.conv2d_backward(&x, grid, &w, k, &g).unwrap());
+            let gf = 2.0 * (rows * k * k * cin * cout) as f64 * 1e-6;
+            println!(
+                "{label}conv2d k={k} {cin}->{cout} at {}x{}x{}: forward {fwd:.2} ms ({:.1} GFLOP/s), backward {bwd:.2} ms ({:.1})",
+                grid.batch,
+                grid.height,
+                grid.width,
+                gf / fwd,
+                2.0 * gf / bwd
+            );
+        }
+    }
+    Ok(())
 }
 
 /// DC-DiT-B's shapes (batch 8, 32x32, E 192, D 768, 12 heads, 256 kept).
-fn dcdit_b_shapes(b: &CpuBackend) -> dcdit_core::Result<()> {
+fn dcdit_b_shapes(b: &CpuBackend, conv_only: bool) -> dcdit_core::Result<()> {
     let t =
         |v: Vec<f32>, shape: &[usize]| -> dcdit_core::Result<CpuTensor> { b.from_f32(&v, shape) };
     let grid = Grid {
@@ -67,22 +99,10 @@ fn dcdit_b_shapes(b: &CpuBackend) -> dcdit_core::Result<()> {
         height: 32,
         width: 32,
     };
-    let (rows, c) = (grid.rows(), 192);
-    let x = t(data(rows * c, 1), &[rows, c])?;
-    let g = t(data(rows * c, 2), &[rows, c])?;
-    for k in [1usize, 3] {
-        let w = t(data(c * k * k * c, 3), &[c, k, k, c])?;
-        let bias = t(data(c, 4), &[c])?;
-        let fwd = time(7, || b.conv2d(&x, grid, &w, Some(&bias), k).unwrap());
-        let bwd = time(7, || b.conv2d_backward(&x, grid, &w, k, &g).unwrap());
-        let gflop = 2.0 * (rows * c * c * k * k) as f64 * 1e-9;
-        println!(
-            "conv2d k={k} ({rows} rows, {c}->{c}): forward {fwd:.1} ms ({:.1} GFLOP/s), backward {bwd:.1} ms ({:.1} GFLOP/s)",
-            gflop / fwd * 1e3,
-            2.0 * gflop / bwd * 1e3
-        );
+    conv_shapes(b, "", grid, &[(192, 192)], &[1, 3])?;
+    if conv_only {
+        return Ok(());
     }
-
     let (segs, len, d, heads) = (8, 256, 768, 12);
     let seg = uniform_segments(segs, len);
     let tt = segs * len;
@@ -111,12 +131,22 @@ fn dcdit_b_shapes(b: &CpuBackend) -> dcdit_core::Result<()> {
 }
 
 /// The shipped MNIST training config's shapes.
-fn mnist_shapes(b: &CpuBackend) -> dcdit_core::Result<()> {
+fn mnist_shapes(b: &CpuBackend, conv_only: bool) -> dcdit_core::Result<()> {
     let t =
         |v: Vec<f32>, shape: &[usize]| -> dcdit_core::Result<CpuTensor> { b.from_f32(&v, shape) };
     // The shipped MNIST training config: 32 samples of 28x28, D 64 (4 heads of
     // 16), ~196 kept tokens per sample, encoder width 128.
     let (segs, len, d, heads, side) = (32, 196, 64, 4, 28);
+    let grid = Grid {
+        batch: segs,
+        height: side,
+        width: side,
+    };
+    // The encoder's 3x3 convolutions (28x28, 32 and 64 channels).
+    let convs = [(32, 32), (32, 64), (64, 32)];
+    if conv_only {
+        return conv_shapes(b, "mnist ", grid, &convs, &[3]);
+    }
     let seg = uniform_segments(segs, len);
     let tt = segs * len;
     let qkv = t(data(tt * 3 * d, 9), &[tt, 3 * d])?;
@@ -163,26 +193,5 @@ fn mnist_shapes(b: &CpuBackend) -> dcdit_core::Result<()> {
             gf / dw
         );
     }
-    // The encoder's 3x3 convolutions (28x28, 32 channels) and their backward.
-    let grid = Grid {
-        batch: segs,
-        height: side,
-        width: side,
-    };
-    for (cin, cout) in [(32, 32), (32, 64), (64, 32)] {
-        let x = t(data(grid.rows() * cin, 17), &[grid.rows(), cin])?;
-        let w = t(data(cout * 9 * cin, 18), &[cout, 3, 3, cin])?;
-        let bias = t(data(cout, 19), &[cout])?;
-        let g = t(data(grid.rows() * cout, 20), &[grid.rows(), cout])?;
-        let fwd = time(9, || b.conv2d(&x, grid, &w, Some(&bias), 3).unwrap());
-        let bwd = time(9, || b.conv2d_backward(&x, grid, &w, 3, &g).unwrap());
-        let gf = 2.0 * (grid.rows() * 9 * cin * cout) as f64 * 1e-6;
-        println!(
-            "mnist conv3x3 {cin}->{cout} at {}x{side}x{side}: forward {fwd:.2} ms ({:.1} GFLOP/s), backward {bwd:.2} ms ({:.1})",
-            segs,
-            gf / fwd,
-            2.0 * gf / bwd
-        );
-    }
-    Ok(())
+    conv_shapes(b, "mnist ", grid, &convs, &[3])
 }

@@ -25,9 +25,9 @@ use crate::dense::Padded;
 use dcdit_core::backend::Grid;
 
 /// Output pixels per register block.
-const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Output channels per register block (two 8-lane vectors).
-const NR: usize = 16;
+pub(crate) const NR: usize = 16;
 /// Output pixels per parallel task (a multiple of `MR`): enough blocks to
 /// reuse each packed weight panel from L2 many times.
 const TASK_PIXELS: usize = MR * 32;
@@ -151,7 +151,7 @@ pub(crate) fn conv(
 /// ky_stride + t] * w[(ky * kcin + t) * NR + j]` for `r < m`, `j < ncols`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(
+pub(crate) unsafe fn block(
     a: &[*const f32; MR],
     ky_stride: usize,
     k: usize,
@@ -199,47 +199,8 @@ unsafe fn block(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::test_data;
+    use crate::util::{conv_reference, test_data};
     use quickcheck::{QuickCheck, TestResult};
-
-    /// The definition: out[b, y, x, o] = bias[o] + sum over the k x k window
-    /// (zero outside the image) of x[b, y', x', c] * w[o, ky, kx, c], in f64.
-    fn brute(
-        xs: &[f32],
-        g: Grid,
-        cin: usize,
-        wt: &[f32],
-        cout: usize,
-        k: usize,
-        bias: &[f32],
-    ) -> Vec<f64> {
-        let (h, w, pad) = (g.height as isize, g.width as isize, (k / 2) as isize);
-        let mut out = vec![0.0f64; g.rows() * cout];
-        for b in 0..g.batch as isize {
-            for y in 0..h {
-                for x in 0..w {
-                    for o in 0..cout {
-                        let mut s = bias[o] as f64;
-                        for ky in 0..k as isize {
-                            for kx in 0..k as isize {
-                                let (yy, xx) = (y + ky - pad, x + kx - pad);
-                                if yy < 0 || yy >= h || xx < 0 || xx >= w {
-                                    continue;
-                                }
-                                for c in 0..cin {
-                                    let xi = (((b * h + yy) * w + xx) as usize) * cin + c;
-                                    let wi = ((o * k + ky as usize) * k + kx as usize) * cin + c;
-                                    s += xs[xi] as f64 * wt[wi] as f64;
-                                }
-                            }
-                        }
-                        out[(((b * h + y) * w + x) as usize) * cout + o] = s;
-                    }
-                }
-            }
-        }
-        out
-    }
 
     #[test]
     fn matches_the_definition() {
@@ -267,7 +228,7 @@ mod tests {
             // above, so CI machines of either kind test it.
             conv(&xp, g, cin, &wt, cout, k, Some(&bias), &mut out);
             crate::pool::give(xp.data);
-            let want = brute(&xs, g, cin, &wt, cout, k, &bias);
+            let want = conv_reference(&xs, g, cin, &wt, cout, k, &bias);
             let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
             for (i, (&o, &r)) in out.iter().zip(&want).enumerate() {
                 let err = (o as f64 - r).abs();

@@ -54,6 +54,8 @@ pub mod pool;
 pub mod profile;
 mod tensor;
 mod util;
+#[cfg(target_arch = "x86_64")]
+mod winograd;
 
 use std::sync::Arc;
 

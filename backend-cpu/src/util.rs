@@ -342,3 +342,44 @@ pub(crate) fn test_data(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The convolution's definition (a test oracle of the kernels): `out[b, y,
+/// x, o] = bias[o] + sum` over the `k x k` window (zero outside the image)
+/// of `x[b, y', x', c] * w[o, ky, kx, c]`, in f64.
+#[cfg(test)]
+pub(crate) fn conv_reference(
+    xs: &[f32],
+    g: dcdit_core::backend::Grid,
+    cin: usize,
+    wt: &[f32],
+    cout: usize,
+    k: usize,
+    bias: &[f32],
+) -> Vec<f64> {
+    let (h, w, pad) = (g.height as isize, g.width as isize, (k / 2) as isize);
+    let mut out = vec![0.0f64; g.rows() * cout];
+    for b in 0..g.batch as isize {
+        for y in 0..h {
+            for x in 0..w {
+                for o in 0..cout {
+                    let mut s = bias[o] as f64;
+                    for ky in 0..k as isize {
+                        for kx in 0..k as isize {
+                            let (yy, xx) = (y + ky - pad, x + kx - pad);
+                            if yy < 0 || yy >= h || xx < 0 || xx >= w {
+                                continue;
+                            }
+                            for c in 0..cin {
+                                let xi = (((b * h + yy) * w + xx) as usize) * cin + c;
+                                let wi = ((o * k + ky as usize) * k + kx as usize) * cin + c;
+                                s += xs[xi] as f64 * wt[wi] as f64;
+                            }
+                        }
+                    }
+                    out[(((b * h + y) * w + x) as usize) * cout + o] = s;
+                }
+            }
+        }
+    }
+    out
+}

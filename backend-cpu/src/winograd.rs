@@ -1,0 +1,341 @@
+//! Winograd F(2x2, 3x3) convolution for AVX2 + FMA CPUs: each 2x2 block of
+//! output pixels (a tile) is computed from the 4x4 input window around it
+//! with 16 multiplications per input/output channel pair instead of 36, so
+//! a 3x3 convolution does 2.25x fewer multiply-adds than the direct kernel
+//! ([`crate::direct_conv`]) or PyTorch's oneDNN direct convolution.
+//!
+//! For `Y = A^T [(G g G^T) . (B^T d B)] A` (Lavin & Gray, 2015), with
+//!
+//! ```text
+//! B^T = | 1  0 -1  0 |    G = | 1    0    0  |    A^T = | 1  1  1  0 |
+//!       | 0  1  1  0 |        | 1/2  1/2  1/2|          | 0  1 -1 -1 |
+//!       | 0 -1  1  0 |        | 1/2 -1/2  1/2|
+//!       | 0  1  0 -1 |        | 0    0    1  |
+//! ```
+//!
+//! every entry is 0, +-1 or +-1/2, so the transforms are exact in f32 up to
+//! the rounding of their additions: the results stay within a few ulp of
+//! the direct convolution's (checked against the f64 definition below).
+//!
+//! Work is split into tasks of [`TILES`] tiles. A task transforms its input
+//! windows into `V (16, tiles, cin)`, runs the 16 products `M_xi = V_xi U_xi`
+//! (`U (16, cin, cout)`, the transformed weights, packed into 16-channel
+//! panels once per call) with the direct kernel's 6x16 register block, and
+//! transforms `M (16, tiles, cout)` back into output pixels, bias added.
+//!
+//! Used for 3x3 kernels with at least [`MIN_CHANNELS`] input and output
+//! channels wherever the direct kernel is (AVX2 + FMA without AVX-512);
+//! `DCDIT_CONV_DIRECT=1` selects the direct kernel instead (for
+//! comparisons). The module exists on x86-64 only.
+
+use rayon::prelude::*;
+
+use crate::dense::Padded;
+use crate::direct_conv::{block, MR, NR};
+use dcdit_core::backend::Grid;
+
+/// Tiles (2x2 output pixels) per parallel task, a multiple of [`MR`]: the
+/// task's `V` and `M` (`16 * TILES * channels` floats each) stay in L2 at
+/// 192 channels, and each transformed-weight panel is reused by
+/// `TILES / MR` register blocks.
+const TILES: usize = MR * 8;
+
+/// Fewest input and output channels for which the transforms pay off.
+const MIN_CHANNELS: usize = 8;
+
+/// Whether [`conv`] handles this convolution (the caller has checked
+/// [`crate::direct_conv::available`]).
+pub(crate) fn applies(k: usize, cin: usize, cout: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    k == 3
+        && cin >= MIN_CHANNELS
+        && cout >= MIN_CHANNELS
+        && !*OFF.get_or_init(|| std::env::var_os("DCDIT_CONV_DIRECT").is_some())
+}
+
+/// `U = G g G^T` for every `(cout, cin)` pair of OHWI `wt (cout, 3, 3, cin)`,
+/// laid out `(16, panels, cin, NR)`: element `xi = 4 i + j` of the 4x4
+/// transform of output channel `p * NR + l` and input channel `c` at
+/// `((xi * panels + p) * cin + c) * NR + l`, zero past `cout`.
+fn transform_weights(wt: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    let panels = cout.div_ceil(NR);
+    let mut u = crate::pool::take(16 * panels * cin * NR);
+    u.fill(0.0);
+    for o in 0..cout {
+        let (p, l) = (o / NR, o % NR);
+        for c in 0..cin {
+            let g = |ky: usize, kx: usize| wt[((o * 3 + ky) * 3 + kx) * cin + c];
+            // G g: 4 rows of 3.
+            let [g0, g1, g2]: [[f32; 3]; 3] =
+                std::array::from_fn(|ky| std::array::from_fn(|kx| g(ky, kx)));
+            let gg = [
+                g0,
+                std::array::from_fn(|x| 0.5 * (g0[x] + g1[x] + g2[x])),
+                std::array::from_fn(|x| 0.5 * (g0[x] - g1[x] + g2[x])),
+                g2,
+            ];
+            // (G g) G^T: 4 x 4.
+            for (i, r) in gg.iter().enumerate() {
+                let row = [
+                    r[0],
+                    0.5 * (r[0] + r[1] + r[2]),
+                    0.5 * (r[0] - r[1] + r[2]),
+                    r[2],
+                ];
+                for (j, &v) in row.iter().enumerate() {
+                    u[(((4 * i + j) * panels + p) * cin + c) * NR + l] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// Stride-1 "same" 3x3 convolution of `xp` (the [`Padded`] layout of a
+/// `(grid.rows(), cin)` input, padding 1) with OHWI `wt (cout, 3, 3, cin)`,
+/// written to `out (grid.rows(), cout)` (overwritten; the bias added). The
+/// caller checks [`crate::direct_conv::available`] and [`applies`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv(
+    xp: &Padded,
+    grid: Grid,
+    cin: usize,
+    wt: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    debug_assert_eq!(wt.len(), cout * 9 * cin);
+    debug_assert_eq!(out.len(), grid.rows() * cout);
+    debug_assert_eq!(xp.pad, 1);
+    if grid.rows() == 0 || cout == 0 {
+        return;
+    }
+    let u = transform_weights(wt, cin, cout);
+    let (h, w) = (grid.height, grid.width);
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let ntiles = grid.batch * th * tw;
+    let panels = cout.div_ceil(NR);
+    let zeros = vec![0.0f32; cin];
+    let outp = out.as_mut_ptr() as usize;
+    (0..ntiles.div_ceil(TILES))
+        .into_par_iter()
+        .for_each(|task| {
+            let t0 = task * TILES;
+            let n = TILES.min(ntiles - t0);
+            let mut v = crate::pool::take(16 * TILES * cin);
+            let mut m = crate::pool::take(16 * TILES * cout);
+            // Input transform: V[xi][t] = (B^T d B)[xi] per channel.
+            for t in 0..n {
+                let (b, rest) = ((t0 + t) / (th * tw), (t0 + t) % (th * tw));
+                let (y0, x0) = (2 * (rest / tw), 2 * (rest % tw));
+                // The 16 window pixels, row-major; outside the image: zeros.
+                let d: [&[f32]; 16] = std::array::from_fn(|i| {
+                    let (y, x) = ((y0 + i / 4) as isize - 1, (x0 + i % 4) as isize - 1);
+                    if y < 0 || x < 0 || y as usize >= h || x as usize >= w {
+                        &zeros[..]
+                    } else {
+                        let at = (xp.margin + xp.position(b, y as usize, x as usize)) * cin;
+                        &xp.data[at..at + cin]
+                    }
+                });
+                // SAFETY: AVX2 checked by the caller; `v` holds 16 * TILES * cin.
+                unsafe { input_tile(&d, &mut v, t * cin, TILES * cin) };
+            }
+            // The 16 products, one transformed-weight panel at a time.
+            for xi in 0..16 {
+                for p in 0..panels {
+                    let panel = &u[(xi * panels + p) * cin * NR..][..cin * NR];
+                    let c0 = p * NR;
+                    let ncols = NR.min(cout - c0);
+                    for r0 in (0..n).step_by(MR) {
+                        let rows = MR.min(n - r0);
+                        let a: [*const f32; MR] = std::array::from_fn(|r| {
+                            v[(xi * TILES + r0 + r.min(rows - 1)) * cin..].as_ptr()
+                        });
+                        let dst = m[(xi * TILES + r0) * cout + c0..].as_mut_ptr();
+                        // SAFETY: AVX2 + FMA checked by the caller; each `a`
+                        // row holds `cin` floats, the panel `cin * NR`, and the
+                        // `rows` destination rows of `ncols` floats (stride
+                        // `cout`) lie inside `m`.
+                        unsafe {
+                            block(
+                                &a,
+                                0,
+                                1,
+                                cin,
+                                panel.as_ptr(),
+                                &[0.0; NR],
+                                dst,
+                                cout,
+                                rows,
+                                ncols,
+                            );
+                        }
+                    }
+                }
+            }
+            // Output transform: Y = A^T M A + bias, the pixels inside the image.
+            for t in 0..n {
+                let (b, rest) = ((t0 + t) / (th * tw), (t0 + t) % (th * tw));
+                let (y0, x0) = (2 * (rest / tw), 2 * (rest % tw));
+                let px = |dy: usize, dx: usize| -> Option<*mut f32> {
+                    let (y, x) = (y0 + dy, x0 + dx);
+                    // SAFETY (of the pointer arithmetic): (b, y, x) is a pixel
+                    // of `out`, which holds grid.rows() * cout floats.
+                    (y < h && x < w)
+                        .then(|| unsafe { (outp as *mut f32).add(((b * h + y) * w + x) * cout) })
+                };
+                let dst = [px(0, 0), px(0, 1), px(1, 0), px(1, 1)];
+                // SAFETY: AVX2 checked by the caller; tiles are disjoint, so no
+                // other task writes these pixels; `m` holds 16 * TILES * cout.
+                unsafe { output_tile(&m, t * cout, TILES * cout, cout, bias, &dst) };
+            }
+            crate::pool::give(v);
+            crate::pool::give(m);
+        });
+    crate::pool::give(u);
+}
+
+/// `V = B^T d B` per channel for the 4x4 window `d` (row-major pixels of
+/// `c` channels each), element `xi` written at `v[at + xi * stride..][..c]`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_tile(d: &[&[f32]; 16], v: &mut [f32], at: usize, stride: usize) {
+    let c = d[0].len();
+    for ch in 0..c {
+        let e = |i: usize| *d[i].get_unchecked(ch);
+        // B^T d: rows combined.
+        let [d0, d1, d2, d3]: [[f32; 4]; 4] =
+            std::array::from_fn(|r| std::array::from_fn(|col| e(4 * r + col)));
+        let t: [[f32; 4]; 4] = [
+            std::array::from_fn(|col| d0[col] - d2[col]),
+            std::array::from_fn(|col| d1[col] + d2[col]),
+            std::array::from_fn(|col| d2[col] - d1[col]),
+            std::array::from_fn(|col| d1[col] - d3[col]),
+        ];
+        // (B^T d) B: columns combined.
+        for (i, r) in t.iter().enumerate() {
+            let row = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
+            for (j, &x) in row.iter().enumerate() {
+                *v.get_unchecked_mut(at + (4 * i + j) * stride + ch) = x;
+            }
+        }
+    }
+}
+
+/// `Y = A^T M A (+ bias)` per output channel, `M`'s element `xi` at
+/// `m[at + xi * stride..][..c]`; the 2x2 results go to `dst` (row-major,
+/// `None` for pixels outside the image).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_tile(
+    m: &[f32],
+    at: usize,
+    stride: usize,
+    c: usize,
+    bias: Option<&[f32]>,
+    dst: &[Option<*mut f32>; 4],
+) {
+    for ch in 0..c {
+        let e = |xi: usize| *m.get_unchecked(at + xi * stride + ch);
+        // A^T M: 2 rows of 4.
+        let [m0, m1, m2, m3]: [[f32; 4]; 4] =
+            std::array::from_fn(|r| std::array::from_fn(|col| e(4 * r + col)));
+        let s: [[f32; 4]; 2] = [
+            std::array::from_fn(|col| m0[col] + m1[col] + m2[col]),
+            std::array::from_fn(|col| m1[col] - m2[col] - m3[col]),
+        ];
+        let b = bias.map_or(0.0, |b| *b.get_unchecked(ch));
+        // (A^T M) A: 2 x 2.
+        for (i, r) in s.iter().enumerate() {
+            let y = [r[0] + r[1] + r[2] + b, r[1] - r[2] - r[3] + b];
+            for (j, &val) in y.iter().enumerate() {
+                if let Some(p) = dst[2 * i + j] {
+                    *p.add(ch) = val;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::{conv_reference, test_data};
+    use quickcheck::{QuickCheck, TestResult};
+
+    #[test]
+    fn matches_the_definition() {
+        if !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma") {
+            eprintln!("skipped: no AVX2 + FMA");
+            return;
+        }
+        // Odd heights and widths (tiles half outside the image), channel
+        // counts around NR (partial panels), tile counts around TILES.
+        fn prop(seed: u64, bt: u8, h: u8, w: u8, cin: u8, cout: u8, bias: bool) -> TestResult {
+            let g = Grid {
+                batch: bt as usize % 3 + 1,
+                height: h as usize % 17 + 1,
+                width: w as usize % 19 + 1,
+            };
+            let (cin, cout) = (cin as usize % 24 + 1, cout as usize % 37 + 1);
+            let xs = test_data(g.rows() * cin, seed);
+            let wt = test_data(cout * 9 * cin, seed ^ 1);
+            let b = test_data(cout, seed ^ 2);
+            let xp = Padded::new(&xs, g, cin, 1);
+            let mut out = vec![f32::NAN; g.rows() * cout];
+            // Called directly (not through `applies`), so AVX-512 CI
+            // machines and small channel counts test it too.
+            conv(&xp, g, cin, &wt, cout, bias.then_some(&b[..]), &mut out);
+            crate::pool::give(xp.data);
+            let zero = vec![0.0; cout];
+            let want = conv_reference(&xs, g, cin, &wt, cout, 3, if bias { &b } else { &zero });
+            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (i, (&o, &r)) in out.iter().zip(&want).enumerate() {
+                let err = (o as f64 - r).abs();
+                if err.is_nan() || err > 1e-5 * scale {
+                    return TestResult::error(format!(
+                        "{g:?} cin {cin} cout {cout}: [{i}] {o} vs {r}"
+                    ));
+                }
+            }
+            TestResult::passed()
+        }
+        QuickCheck::new()
+            .tests(60)
+            .quickcheck(prop as fn(u64, u8, u8, u8, u8, u8, bool) -> TestResult);
+    }
+
+    /// DC-DiT-B's width (192 channels, a reduction of 1728 products per
+    /// output): the rounding of the transforms stays at the direct
+    /// kernel's level.
+    #[test]
+    fn wide_channels_match_the_definition() {
+        if !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma") {
+            eprintln!("skipped: no AVX2 + FMA");
+            return;
+        }
+        let (g, c) = (
+            Grid {
+                batch: 2,
+                height: 7,
+                width: 10,
+            },
+            192,
+        );
+        let xs = test_data(g.rows() * c, 7);
+        let wt = test_data(c * 9 * c, 8);
+        let b = test_data(c, 9);
+        let xp = Padded::new(&xs, g, c, 1);
+        let mut out = vec![f32::NAN; g.rows() * c];
+        conv(&xp, g, c, &wt, c, Some(&b), &mut out);
+        crate::pool::give(xp.data);
+        let want = conv_reference(&xs, g, c, &wt, c, 3, &b);
+        let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        let worst = out
+            .iter()
+            .zip(&want)
+            .map(|(&o, &r)| (o as f64 - r).abs())
+            .fold(0.0f64, f64::max);
+        assert!(worst <= 2e-6 * scale, "max error {worst} of {scale}");
+    }
+}
