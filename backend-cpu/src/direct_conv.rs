@@ -128,13 +128,15 @@ pub(crate) fn conv(
                     // the `m` destination rows of `ncols` floats (stride
                     // `cout`) lie inside `oc`; the panel holds kc * NR floats.
                     unsafe {
-                        block(
+                        block::<false>(
                             &a,
+                            1,
                             ky_stride,
                             k,
                             kcin,
                             panel.as_ptr(),
-                            &b16,
+                            NR,
+                            Some(&b16),
                             dst,
                             cout,
                             m,
@@ -147,26 +149,53 @@ pub(crate) fn conv(
     crate::pool::give(pw);
 }
 
-/// One `MR x NR` output block: `dst[r][j] = bias[j] + sum_{ky, t} a[r][ky *
-/// ky_stride + t] * w[(ky * kcin + t) * NR + j]` for `r < m`, `j < ncols`.
+/// One `MR x NR` output block: `dst[r][j] = init[r][j] + sum_{ky, t}
+/// a[r][ky * ky_stride + t * sa] * w[(ky * kcin + t) * ldw + j]` for `r <
+/// m`, `j < ncols`, where `sa` is 1 unless `STRIDED` (then `a_stride`) and
+/// `init` is `bias[j]` or, with `bias` `None`, `dst`'s own value
+/// (accumulation). Columns `ncols..NR` of `w` are read but only affect the
+/// unstored columns.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn block(
+pub(crate) unsafe fn block<const STRIDED: bool>(
     a: &[*const f32; MR],
+    a_stride: usize,
     ky_stride: usize,
     k: usize,
     kcin: usize,
     w: *const f32,
-    bias: &[f32; NR],
+    ldw: usize,
+    bias: Option<&[f32; NR]>,
     dst: *mut f32,
     ld: usize,
     m: usize,
     ncols: usize,
 ) {
     use std::arch::x86_64::*;
-    let b0 = _mm256_loadu_ps(bias.as_ptr());
-    let b1 = _mm256_loadu_ps(bias.as_ptr().add(8));
-    let mut acc = [[b0, b1]; MR];
+    let sa = if STRIDED { a_stride } else { 1 };
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    for (r, v) in acc.iter_mut().enumerate().take(m) {
+        *v = match bias {
+            Some(b) => [
+                _mm256_loadu_ps(b.as_ptr()),
+                _mm256_loadu_ps(b.as_ptr().add(8)),
+            ],
+            None if ncols == NR => [
+                _mm256_loadu_ps(dst.add(r * ld)),
+                _mm256_loadu_ps(dst.add(r * ld + 8)),
+            ],
+            None => {
+                let mut tmp = [0.0f32; NR];
+                for (j, t) in tmp.iter_mut().enumerate().take(ncols) {
+                    *t = *dst.add(r * ld + j);
+                }
+                [
+                    _mm256_loadu_ps(tmp.as_ptr()),
+                    _mm256_loadu_ps(tmp.as_ptr().add(8)),
+                ]
+            }
+        };
+    }
     let mut wp = w;
     for ky in 0..k {
         let off = ky * ky_stride;
@@ -175,11 +204,11 @@ pub(crate) unsafe fn block(
             let w0 = _mm256_loadu_ps(wp);
             let w1 = _mm256_loadu_ps(wp.add(8));
             for r in 0..MR {
-                let x = _mm256_broadcast_ss(&*p[r].add(t));
+                let x = _mm256_broadcast_ss(&*p[r].add(t * sa));
                 acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
             }
-            wp = wp.add(NR);
+            wp = wp.add(ldw);
         }
     }
     for (r, v) in acc.iter().enumerate().take(m) {
@@ -191,7 +220,9 @@ pub(crate) unsafe fn block(
             let mut tmp = [0.0f32; NR];
             _mm256_storeu_ps(tmp.as_mut_ptr(), v[0]);
             _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v[1]);
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), d, ncols);
+            for (j, &t) in tmp.iter().enumerate().take(ncols) {
+                *d.add(j) = t;
+            }
         }
     }
 }

@@ -104,7 +104,7 @@ where
 
 /// `acc += x`.
 #[inline]
-fn add_into(acc: &mut [f32], x: &[f32]) {
+pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
     for (a, &v) in acc.iter_mut().zip(x) {
         *a += v;
     }
@@ -365,7 +365,7 @@ fn conv2d_backward(
         } else {
             let xp = Padded::new(xs, grid, cin, k / 2);
             let gp = Padded::new(gs, grid, cout, k / 2);
-            conv_weight_grad(&xp, grid, cin, k, &gp, cout, &mut dw);
+            weight_grad(&xp, grid, cin, k, gs, &gp, cout, &mut dw);
             crate::pool::give(xp.data);
             // dx is the "same" convolution of g with the spatially flipped,
             // in/out-transposed kernel: w'[ci, ky, kx, co] = w[co, k-1-ky, k-1-kx, ci].
@@ -390,6 +390,29 @@ fn conv2d_backward(
         CpuTensor::from_result(dw, w.shape(), w.dtype()),
         CpuTensor::from_result(db, &[cout], w.dtype()),
     ))
+}
+
+/// `dw (cout, k*k*cin) = g^T cols(x)` for odd `k > 1`: Winograd where the
+/// forward uses it, otherwise [`conv_weight_grad`]. `gs` is the output
+/// gradient, `gp` the same in the [`Padded`] layout.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad(
+    xp: &Padded,
+    grid: Grid,
+    cin: usize,
+    k: usize,
+    gs: &[f32],
+    gp: &Padded,
+    cout: usize,
+    dw: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::direct_conv::available() && crate::winograd::applies(k, cin, cout) {
+        crate::winograd::weight_grad(xp, grid, cin, gs, cout, dw);
+        return;
+    }
+    let _ = gs;
+    conv_weight_grad(xp, grid, cin, k, gp, cout, dw);
 }
 
 /// `dw (cout, k*k*cin) = g^T cols(x)` for odd `k > 1`, as one GEMM per kernel

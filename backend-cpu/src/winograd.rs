@@ -91,11 +91,62 @@ fn transform_weights(wt: &[f32], cin: usize, cout: usize) -> Vec<f32> {
     u
 }
 
+/// The 2x2 output tiles of a grid, in (image, tile row, tile column) order.
+#[derive(Clone, Copy)]
+struct Tiles {
+    h: usize,
+    w: usize,
+    th: usize,
+    tw: usize,
+    count: usize,
+}
+
+impl Tiles {
+    fn new(grid: Grid) -> Tiles {
+        let (h, w) = (grid.height, grid.width);
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        Tiles {
+            h,
+            w,
+            th,
+            tw,
+            count: grid.batch * th * tw,
+        }
+    }
+
+    /// Image and top-left output pixel of tile `t`.
+    fn origin(&self, t: usize) -> (usize, usize, usize) {
+        let (b, rest) = (t / (self.th * self.tw), t % (self.th * self.tw));
+        (b, 2 * (rest / self.tw), 2 * (rest % self.tw))
+    }
+
+    /// Row index (NHWC) of pixel `(b, y, x)`, `None` outside the image.
+    fn pixel(&self, b: usize, y: isize, x: isize) -> Option<usize> {
+        (y >= 0 && x >= 0 && (y as usize) < self.h && (x as usize) < self.w)
+            .then(|| (b * self.h + y as usize) * self.w + x as usize)
+    }
+
+    /// The 4x4 input window of tile `t` (row-major pixels of `c` channels of
+    /// `xp`, padding 1); pixels outside the image are `zeros`.
+    fn window<'a>(&self, xp: &'a Padded, c: usize, zeros: &'a [f32], t: usize) -> [&'a [f32]; 16] {
+        let (b, y0, x0) = self.origin(t);
+        std::array::from_fn(|i| {
+            let (y, x) = ((y0 + i / 4) as isize - 1, (x0 + i % 4) as isize - 1);
+            match self.pixel(b, y, x) {
+                None => zeros,
+                Some(_) => {
+                    let at = (xp.margin + xp.position(b, y as usize, x as usize)) * c;
+                    &xp.data[at..at + c]
+                }
+            }
+        })
+    }
+}
+
 /// Stride-1 "same" 3x3 convolution of `xp` (the [`Padded`] layout of a
 /// `(grid.rows(), cin)` input, padding 1) with OHWI `wt (cout, 3, 3, cin)`,
 /// written to `out (grid.rows(), cout)` (overwritten; the bias added). The
 /// caller checks [`crate::direct_conv::available`] and [`applies`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn conv(
     xp: &Padded,
     grid: Grid,
@@ -112,33 +163,20 @@ pub(crate) fn conv(
         return;
     }
     let u = transform_weights(wt, cin, cout);
-    let (h, w) = (grid.height, grid.width);
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let ntiles = grid.batch * th * tw;
+    let tiles = Tiles::new(grid);
     let panels = cout.div_ceil(NR);
     let zeros = vec![0.0f32; cin];
     let outp = out.as_mut_ptr() as usize;
-    (0..ntiles.div_ceil(TILES))
+    (0..tiles.count.div_ceil(TILES))
         .into_par_iter()
         .for_each(|task| {
             let t0 = task * TILES;
-            let n = TILES.min(ntiles - t0);
+            let n = TILES.min(tiles.count - t0);
             let mut v = crate::pool::take(16 * TILES * cin);
             let mut m = crate::pool::take(16 * TILES * cout);
             // Input transform: V[xi][t] = (B^T d B)[xi] per channel.
             for t in 0..n {
-                let (b, rest) = ((t0 + t) / (th * tw), (t0 + t) % (th * tw));
-                let (y0, x0) = (2 * (rest / tw), 2 * (rest % tw));
-                // The 16 window pixels, row-major; outside the image: zeros.
-                let d: [&[f32]; 16] = std::array::from_fn(|i| {
-                    let (y, x) = ((y0 + i / 4) as isize - 1, (x0 + i % 4) as isize - 1);
-                    if y < 0 || x < 0 || y as usize >= h || x as usize >= w {
-                        &zeros[..]
-                    } else {
-                        let at = (xp.margin + xp.position(b, y as usize, x as usize)) * cin;
-                        &xp.data[at..at + cin]
-                    }
-                });
+                let d = tiles.window(xp, cin, &zeros, t0 + t);
                 // SAFETY: AVX2 checked by the caller; `v` holds 16 * TILES * cin.
                 unsafe { input_tile(&d, &mut v, t * cin, TILES * cin) };
             }
@@ -159,13 +197,15 @@ pub(crate) fn conv(
                         // `rows` destination rows of `ncols` floats (stride
                         // `cout`) lie inside `m`.
                         unsafe {
-                            block(
+                            block::<false>(
                                 &a,
+                                1,
                                 0,
                                 1,
                                 cin,
                                 panel.as_ptr(),
-                                &[0.0; NR],
+                                NR,
+                                Some(&[0.0; NR]),
                                 dst,
                                 cout,
                                 rows,
@@ -177,14 +217,12 @@ pub(crate) fn conv(
             }
             // Output transform: Y = A^T M A + bias, the pixels inside the image.
             for t in 0..n {
-                let (b, rest) = ((t0 + t) / (th * tw), (t0 + t) % (th * tw));
-                let (y0, x0) = (2 * (rest / tw), 2 * (rest % tw));
+                let (b, y0, x0) = tiles.origin(t0 + t);
                 let px = |dy: usize, dx: usize| -> Option<*mut f32> {
-                    let (y, x) = (y0 + dy, x0 + dx);
-                    // SAFETY (of the pointer arithmetic): (b, y, x) is a pixel
-                    // of `out`, which holds grid.rows() * cout floats.
-                    (y < h && x < w)
-                        .then(|| unsafe { (outp as *mut f32).add(((b * h + y) * w + x) * cout) })
+                    let i = tiles.pixel(b, (y0 + dy) as isize, (x0 + dx) as isize)?;
+                    // SAFETY (of the pointer arithmetic): pixel i of `out`,
+                    // which holds grid.rows() * cout floats.
+                    Some(unsafe { (outp as *mut f32).add(i * cout) })
                 };
                 let dst = [px(0, 0), px(0, 1), px(1, 0), px(1, 1)];
                 // SAFETY: AVX2 checked by the caller; tiles are disjoint, so no
@@ -195,6 +233,130 @@ pub(crate) fn conv(
             crate::pool::give(m);
         });
     crate::pool::give(u);
+}
+
+/// Weight gradient of the 3x3 convolution, `dw (cout, 3, 3, cin)` (OHWI,
+/// overwritten) from the input `xp` ([`Padded`], padding 1) and the output
+/// gradient `g (grid.rows(), cout)`. The forward is linear in `U = G w G^T`,
+/// so `dU_xi = sum over tiles of (A dY A^T)_xi (B^T d B)_xi^T` (16 products
+/// of depth "tiles", 2.25x fewer multiply-adds than the direct weight
+/// gradient) and `dw = G^T dU G`. The tiles are split over the threads, each
+/// accumulating its own `dU`. The caller checks
+/// [`crate::direct_conv::available`] and [`applies`].
+pub(crate) fn weight_grad(
+    xp: &Padded,
+    grid: Grid,
+    cin: usize,
+    g: &[f32],
+    cout: usize,
+    dw: &mut [f32],
+) {
+    debug_assert_eq!(dw.len(), cout * 9 * cin);
+    debug_assert_eq!(g.len(), grid.rows() * cout);
+    debug_assert_eq!(xp.pad, 1);
+    let tiles = Tiles::new(grid);
+    if tiles.count == 0 || cout == 0 || cin == 0 {
+        dw.fill(0.0);
+        return;
+    }
+    let parts = rayon::current_num_threads().clamp(1, tiles.count.div_ceil(TILES));
+    let per = tiles.count.div_ceil(parts);
+    let zeros = vec![0.0f32; cin.max(cout)];
+    let partial: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|part| {
+            let mut du = crate::pool::take_zeroed(16 * cout * cin);
+            // `V (16, TILES, cin)` plus NR floats: a partial channel panel
+            // reads (but never stores) past the last row.
+            let mut v = crate::pool::take(16 * TILES * cin + NR);
+            let mut yh = crate::pool::take(16 * cout * TILES);
+            let end = tiles.count.min((part + 1) * per);
+            for t0 in (part * per..end).step_by(TILES) {
+                let n = TILES.min(end - t0);
+                for t in 0..n {
+                    let d = tiles.window(xp, cin, &zeros[..cin], t0 + t);
+                    // SAFETY: AVX2 checked by the caller; `v` holds 16 * TILES * cin.
+                    unsafe { input_tile(&d, &mut v, t * cin, TILES * cin) };
+                    let (b, y0, x0) = tiles.origin(t0 + t);
+                    let dy: [&[f32]; 4] = std::array::from_fn(|i| {
+                        match tiles.pixel(b, (y0 + i / 2) as isize, (x0 + i % 2) as isize) {
+                            Some(p) => &g[p * cout..(p + 1) * cout],
+                            None => &zeros[..cout],
+                        }
+                    });
+                    // SAFETY: AVX2 checked by the caller; `yh` holds
+                    // 16 * cout * TILES floats.
+                    unsafe { grad_tile(&dy, &mut yh, t * cout, TILES * cout) };
+                }
+                // dU_xi (cout, cin) += Yh_xi^T (cout, n) V_xi (n, cin).
+                for xi in 0..16 {
+                    for o0 in (0..cout).step_by(MR) {
+                        let rows = MR.min(cout - o0);
+                        let a: [*const f32; MR] = std::array::from_fn(|r| {
+                            yh[xi * TILES * cout + o0 + r.min(rows - 1)..].as_ptr()
+                        });
+                        for c0 in (0..cin).step_by(NR) {
+                            let dst = du[(xi * cout + o0) * cin + c0..].as_mut_ptr();
+                            // SAFETY: AVX2 + FMA checked by the caller; each
+                            // `a` column has n elements (stride cout); `v`'s n rows of `cin`
+                            // floats (stride cin) from c0 are followed by at
+                            // least NR floats; the `rows` destination rows
+                            // of `ncols` floats (stride cin) lie inside `du`.
+                            unsafe {
+                                block::<true>(
+                                    &a,
+                                    cout,
+                                    0,
+                                    1,
+                                    n,
+                                    v[xi * TILES * cin + c0..].as_ptr(),
+                                    cin,
+                                    None,
+                                    dst,
+                                    cin,
+                                    rows,
+                                    NR.min(cin - c0),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            crate::pool::give(v);
+            crate::pool::give(yh);
+            du
+        })
+        .collect();
+    let mut parts = partial.into_iter();
+    let mut du = parts.next().expect("at least one part");
+    for p in parts {
+        crate::grad::add_into(&mut du, &p);
+        crate::pool::give(p);
+    }
+    // dw = G^T dU G per (cout, cin) pair.
+    for o in 0..cout {
+        for c in 0..cin {
+            let e = |xi: usize| du[(xi * cout + o) * cin + c];
+            let [u0, u1, u2, u3]: [[f32; 4]; 4] =
+                std::array::from_fn(|i| std::array::from_fn(|j| e(4 * i + j)));
+            let q: [[f32; 4]; 3] = [
+                std::array::from_fn(|j| u0[j] + 0.5 * (u1[j] + u2[j])),
+                std::array::from_fn(|j| 0.5 * (u1[j] - u2[j])),
+                std::array::from_fn(|j| 0.5 * (u1[j] + u2[j]) + u3[j]),
+            ];
+            for (ky, r) in q.iter().enumerate() {
+                let row = [
+                    r[0] + 0.5 * (r[1] + r[2]),
+                    0.5 * (r[1] - r[2]),
+                    0.5 * (r[1] + r[2]) + r[3],
+                ];
+                for (kx, &val) in row.iter().enumerate() {
+                    dw[((o * 3 + ky) * 3 + kx) * cin + c] = val;
+                }
+            }
+        }
+    }
+    crate::pool::give(du);
 }
 
 /// `V = B^T d B` per channel for the 4x4 window `d` (row-major pixels of
@@ -257,6 +419,33 @@ unsafe fn output_tile(
     }
 }
 
+/// `Yh = A dY A^T` per output channel for the 2x2 gradient tile `dy`
+/// (row-major pixels of `c` channels each), element `xi` written at
+/// `yh[at + xi * stride..][..c]`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_tile(dy: &[&[f32]; 4], yh: &mut [f32], at: usize, stride: usize) {
+    let c = dy[0].len();
+    for o in 0..c {
+        let e = |i: usize| *dy[i].get_unchecked(o);
+        // A dY: 4 rows of 2, then (A dY) A^T: 4 x 4.
+        let (r0, r1) = ([e(0), e(1)], [e(2), e(3)]);
+        let rows = [
+            r0,
+            [r0[0] + r1[0], r0[1] + r1[1]],
+            [r0[0] - r1[0], r0[1] - r1[1]],
+            [-r1[0], -r1[1]],
+        ];
+        for (i, r) in rows.iter().enumerate() {
+            for (j, val) in [r[0], r[0] + r[1], r[0] - r[1], -r[1]]
+                .into_iter()
+                .enumerate()
+            {
+                *yh.get_unchecked_mut(at + (4 * i + j) * stride + o) = val;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +492,75 @@ mod tests {
         QuickCheck::new()
             .tests(60)
             .quickcheck(prop as fn(u64, u8, u8, u8, u8, u8, bool) -> TestResult);
+    }
+
+    /// The weight gradient's definition in f64: `dw[o, ky, kx, c] = sum over
+    /// pixels of g[b, y, x, o] * x[b, y + ky - 1, x + kx - 1, c]` (zero
+    /// outside the image).
+    fn weight_grad_reference(xs: &[f32], g: Grid, cin: usize, gs: &[f32], cout: usize) -> Vec<f64> {
+        let (h, w) = (g.height as isize, g.width as isize);
+        let mut dw = vec![0.0f64; cout * 9 * cin];
+        for b in 0..g.batch as isize {
+            for y in 0..h {
+                for x in 0..w {
+                    let p = ((b * h + y) * w + x) as usize;
+                    for ky in 0..3isize {
+                        for kx in 0..3isize {
+                            let (yy, xx) = (y + ky - 1, x + kx - 1);
+                            if yy < 0 || yy >= h || xx < 0 || xx >= w {
+                                continue;
+                            }
+                            let q = ((b * h + yy) * w + xx) as usize;
+                            for o in 0..cout {
+                                for c in 0..cin {
+                                    dw[((o * 3 + ky as usize) * 3 + kx as usize) * cin + c] +=
+                                        gs[p * cout + o] as f64 * xs[q * cin + c] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dw
+    }
+
+    #[test]
+    fn weight_grad_matches_the_definition() {
+        if !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma") {
+            eprintln!("skipped: no AVX2 + FMA");
+            return;
+        }
+        // Odd grids (tiles half outside), channel counts around MR and NR,
+        // more tiles than one task, one and several parts.
+        fn prop(seed: u64, bt: u8, h: u8, w: u8, cin: u8, cout: u8) -> TestResult {
+            let g = Grid {
+                batch: bt as usize % 3 + 1,
+                height: h as usize % 23 + 1,
+                width: w as usize % 19 + 1,
+            };
+            let (cin, cout) = (cin as usize % 37 + 1, cout as usize % 20 + 1);
+            let xs = test_data(g.rows() * cin, seed);
+            let gs = test_data(g.rows() * cout, seed ^ 3);
+            let xp = Padded::new(&xs, g, cin, 1);
+            let mut dw = vec![f32::NAN; cout * 9 * cin];
+            weight_grad(&xp, g, cin, &gs, cout, &mut dw);
+            crate::pool::give(xp.data);
+            let want = weight_grad_reference(&xs, g, cin, &gs, cout);
+            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (i, (&o, &r)) in dw.iter().zip(&want).enumerate() {
+                let err = (o as f64 - r).abs();
+                if err.is_nan() || err > 1e-5 * scale {
+                    return TestResult::error(format!(
+                        "{g:?} cin {cin} cout {cout}: dw[{i}] {o} vs {r}"
+                    ));
+                }
+            }
+            TestResult::passed()
+        }
+        QuickCheck::new()
+            .tests(60)
+            .quickcheck(prop as fn(u64, u8, u8, u8, u8, u8) -> TestResult);
     }
 
     /// DC-DiT-B's width (192 channels, a reduction of 1728 products per
