@@ -11,7 +11,11 @@
 //!   chosen at run time where the CPU has them): `linear` is a single gemm
 //!   (weights used transposed through strides, no copy); a k x k `conv2d` is
 //!   k sliding-window gemms over a zero-padded copy of the input (in NHWC a
-//!   kernel row's pixels are adjacent, so no im2col buffer); attention runs
+//!   kernel row's pixels are adjacent, so no im2col buffer). On AVX2 + FMA
+//!   CPUs without AVX-512 convolutions take our own kernels instead:
+//!   Winograd F(2x2, 3x3) for 3x3 kernels of 8 or more channels (forward,
+//!   input and weight gradients, 2.25x fewer multiply-adds), a direct
+//!   register-blocked kernel for the rest. Attention runs
 //!   a streaming (online) softmax over blocks of 512 keys, two gemms per
 //!   block of a `(segment, head, query block)` task.
 //! * Element-wise, norm and reduction loops are plain Rust compiled per SIMD
