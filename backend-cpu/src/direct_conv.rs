@@ -22,12 +22,9 @@
 use rayon::prelude::*;
 
 use crate::dense::Padded;
+use crate::microkernel::{block, MR, NR};
 use dcdit_core::backend::Grid;
 
-/// Output pixels per register block.
-pub(crate) const MR: usize = 6;
-/// Output channels per register block (two 8-lane vectors).
-pub(crate) const NR: usize = 16;
 /// Output pixels per parallel task (a multiple of `MR`): enough blocks to
 /// reuse each packed weight panel from L2 many times.
 const TASK_PIXELS: usize = MR * 32;
@@ -38,8 +35,7 @@ const TASK_PIXELS: usize = MR * 32;
 pub(crate) fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        crate::util::simd_level() == crate::util::Level::V3
-            && std::env::var_os("DCDIT_CONV_GEMM").is_none()
+        crate::microkernel::available() && std::env::var_os("DCDIT_CONV_GEMM").is_none()
     })
 }
 
@@ -147,84 +143,6 @@ pub(crate) fn conv(
             }
         });
     crate::pool::give(pw);
-}
-
-/// One `MR x NR` output block: `dst[r][j] = init[r][j] + sum_{ky, t}
-/// a[r][ky * ky_stride + t * sa] * w[(ky * kcin + t) * ldw + j]` for `r <
-/// m`, `j < ncols`, where `sa` is 1 unless `STRIDED` (then `a_stride`) and
-/// `init` is `bias[j]` or, with `bias` `None`, `dst`'s own value
-/// (accumulation). Columns `ncols..NR` of `w` are read but only affect the
-/// unstored columns.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn block<const STRIDED: bool>(
-    a: &[*const f32; MR],
-    a_stride: usize,
-    ky_stride: usize,
-    k: usize,
-    kcin: usize,
-    w: *const f32,
-    ldw: usize,
-    bias: Option<&[f32; NR]>,
-    dst: *mut f32,
-    ld: usize,
-    m: usize,
-    ncols: usize,
-) {
-    use std::arch::x86_64::*;
-    let sa = if STRIDED { a_stride } else { 1 };
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    for (r, v) in acc.iter_mut().enumerate().take(m) {
-        *v = match bias {
-            Some(b) => [
-                _mm256_loadu_ps(b.as_ptr()),
-                _mm256_loadu_ps(b.as_ptr().add(8)),
-            ],
-            None if ncols == NR => [
-                _mm256_loadu_ps(dst.add(r * ld)),
-                _mm256_loadu_ps(dst.add(r * ld + 8)),
-            ],
-            None => {
-                let mut tmp = [0.0f32; NR];
-                for (j, t) in tmp.iter_mut().enumerate().take(ncols) {
-                    *t = *dst.add(r * ld + j);
-                }
-                [
-                    _mm256_loadu_ps(tmp.as_ptr()),
-                    _mm256_loadu_ps(tmp.as_ptr().add(8)),
-                ]
-            }
-        };
-    }
-    let mut wp = w;
-    for ky in 0..k {
-        let off = ky * ky_stride;
-        let p: [*const f32; MR] = std::array::from_fn(|r| a[r].add(off));
-        for t in 0..kcin {
-            let w0 = _mm256_loadu_ps(wp);
-            let w1 = _mm256_loadu_ps(wp.add(8));
-            for r in 0..MR {
-                let x = _mm256_broadcast_ss(&*p[r].add(t * sa));
-                acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
-            }
-            wp = wp.add(ldw);
-        }
-    }
-    for (r, v) in acc.iter().enumerate().take(m) {
-        let d = dst.add(r * ld);
-        if ncols == NR {
-            _mm256_storeu_ps(d, v[0]);
-            _mm256_storeu_ps(d.add(8), v[1]);
-        } else {
-            let mut tmp = [0.0f32; NR];
-            _mm256_storeu_ps(tmp.as_mut_ptr(), v[0]);
-            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v[1]);
-            for (j, &t) in tmp.iter().enumerate().take(ncols) {
-                *d.add(j) = t;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

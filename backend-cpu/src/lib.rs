@@ -53,6 +53,8 @@ mod direct_conv;
 mod elementwise;
 mod grad;
 mod math;
+#[cfg(target_arch = "x86_64")]
+mod microkernel;
 mod norm;
 pub mod pool;
 pub mod profile;

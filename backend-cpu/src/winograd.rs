@@ -31,7 +31,7 @@
 use rayon::prelude::*;
 
 use crate::dense::Padded;
-use crate::direct_conv::{block, MR, NR};
+use crate::microkernel::{block, MR, NR};
 use dcdit_core::backend::Grid;
 
 /// Tiles (2x2 output pixels) per parallel task, a multiple of [`MR`]: the
