@@ -89,6 +89,12 @@ pub struct BenchArgs {
     /// Timed repetitions of every measurement (the median is reported).
     #[arg(long, default_value = "5")]
     pub iters: usize,
+    /// Runs every workload pair (dcdit, then PyTorch) this many times in
+    /// turn and reports the round with the median ratio per row, next to
+    /// every round's ratio: on a host whose speed drifts over minutes, one
+    /// round can catch the two sides in different minutes.
+    #[arg(long, default_value = "1")]
+    pub rounds: usize,
     /// Untimed warm-up runs before the timed ones.
     #[arg(long, default_value = "2")]
     pub warmup: usize,
@@ -168,8 +174,8 @@ fn time_runs(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> 
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.batch == 0 || a.iters == 0 {
-        bail!("--batch and --iters must be > 0");
+    if a.batch == 0 || a.iters == 0 || a.rounds == 0 {
+        bail!("--batch, --iters and --rounds must be > 0");
     }
     if a.keep.is_empty() || a.keep.iter().any(|k| !(*k > 0.0 && *k <= 1.0)) {
         bail!("--keep fractions must be in (0, 1]");
@@ -184,14 +190,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         None
     };
     let backend = cpu(a.threads)?;
-    let threads = backend.threads();
     let machine = machine_info(&backend);
     println!(
-        "dcdit bench: {} | {} | iters {} (+{} warm-up), medians | load average {}",
+        "dcdit bench: {} | {} | iters {} (+{} warm-up), medians | rounds {} | load average {}",
         machine["cpu"].as_str().unwrap_or("?"),
         backend.name(),
         a.iters,
         a.warmup,
+        a.rounds,
         loadavg()
     );
 
@@ -205,12 +211,80 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let files = a.against_pytorch.then_some(dir.as_path());
 
-    // Each dcdit workload is followed at once by its PyTorch counterpart, so
-    // that a change of load during the run hits both sides of a ratio alike.
+    let mut rounds = Vec::new();
+    for round in 0..a.rounds {
+        if a.rounds > 1 {
+            println!("\n=== round {} of {} ===", round + 1, a.rounds);
+        }
+        let res = run_round(&a, &backend, script.as_deref(), &dir, files);
+        if res.is_err() && tmp_owned && a.against_pytorch {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let (rust, torch) = res?;
+        if let Some(t) = &torch {
+            print_torch(t);
+        }
+        let table = ratio_table(&rust, torch.as_ref());
+        print_table(&table, torch.as_ref());
+        rounds.push(json!({ "dcdit": rust, "pytorch": torch, "table": table }));
+    }
+    if tmp_owned && a.against_pytorch {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let table = if rounds.len() > 1 {
+        let t = median_rounds(&rounds);
+        println!(
+            "\n=== the round with the median ratio, per row, of {} rounds ===",
+            rounds.len()
+        );
+        print_table(
+            &t,
+            rounds[0]["pytorch"]
+                .as_object()
+                .map(|_| &rounds[0]["pytorch"]),
+        );
+        t
+    } else {
+        rounds[0]["table"].clone()
+    };
+    let load_end = loadavg();
+    println!("load average at the end: {load_end} (figures taken under load are not valid: PyTorch's OpenMP threads suffer far more from it than dcdit's pool)");
+    if let Some(path) = &a.json {
+        let mut machine = machine;
+        machine["loadavg_end"] = json!(load_end);
+        let mut all = json!({
+            "machine": machine,
+            "args": format!("{a:?}"),
+            "table": table,
+        });
+        if rounds.len() == 1 {
+            all["dcdit"] = rounds[0]["dcdit"].clone();
+            all["pytorch"] = rounds[0]["pytorch"].clone();
+        } else {
+            all["rounds"] = Value::Array(rounds);
+        }
+        crate::util::write_atomic(path, serde_json::to_string_pretty(&all)?.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// One round: every asked workload on dcdit, each followed at once by its
+/// PyTorch counterpart (with `script`), so that a change of load during the
+/// run hits both sides of a ratio alike. Returns dcdit's and PyTorch's
+/// figures.
+fn run_round(
+    a: &BenchArgs,
+    backend: &CpuBackend,
+    script: Option<&Path>,
+    dir: &Path,
+    files: Option<&Path>,
+) -> Result<(Value, Option<Value>)> {
+    let threads = backend.threads();
     let mut rust = serde_json::Map::new();
     let mut torch: Option<Value> = None;
     let mut pytorch = |piece: Value| -> Result<()> {
-        let Some(script) = &script else {
+        let Some(script) = script else {
             return Ok(());
         };
         let mut man = json!({
@@ -220,7 +294,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         for (k, v) in piece.as_object().into_iter().flatten() {
             man[k] = v.clone();
         }
-        let v = run_pytorch(&a, script, &dir, &man)?;
+        let v = run_pytorch(a, script, dir, &man)?;
         let t = torch.get_or_insert_with(|| json!({}));
         for (k, x) in v.as_object().into_iter().flatten() {
             match (k.as_str(), t.get_mut(k)) {
@@ -232,58 +306,61 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         Ok(())
     };
-    let res = (|| -> Result<()> {
-        let wants = |w| a.workloads.contains(&w);
-        if wants(Workload::Forward) || wants(Workload::Bf16) || wants(Workload::Gemm) {
-            let cfg = read_config(&a.config)?;
-            if wants(Workload::Forward) || wants(Workload::Bf16) {
-                let fwd = forward_workloads(&a, &backend, &cfg, files, &mut |entry| {
-                    pytorch(json!({ "forward": [entry] }))
-                })?;
-                rust.insert("forward".into(), fwd);
-            }
-            if wants(Workload::Gemm) {
-                let (g, man) = gemm_workload(&a, &backend, &cfg.model_spec()?)?;
-                rust.insert("gemm".into(), g);
-                pytorch(json!({ "gemm": man }))?;
-            }
+    let wants = |w| a.workloads.contains(&w);
+    if wants(Workload::Forward) || wants(Workload::Bf16) || wants(Workload::Gemm) {
+        let cfg = read_config(&a.config)?;
+        if wants(Workload::Forward) || wants(Workload::Bf16) {
+            let fwd = forward_workloads(a, backend, &cfg, files, &mut |entry| {
+                pytorch(json!({ "forward": [entry] }))
+            })?;
+            rust.insert("forward".into(), fwd);
         }
-        if wants(Workload::Vulkan) {
-            rust.insert("vulkan".into(), vulkan_workload(&a, &backend)?);
+        if wants(Workload::Gemm) {
+            let (g, man) = gemm_workload(a, backend, &cfg.model_spec()?)?;
+            rust.insert("gemm".into(), g);
+            pytorch(json!({ "gemm": man }))?;
         }
-        if wants(Workload::TrainStep) {
-            let (t, man) = train_workload(&a, &backend, files)?;
-            rust.insert("train".into(), t);
-            pytorch(json!({ "train": man }))?;
-        }
-        Ok(())
-    })();
-    if tmp_owned && a.against_pytorch {
-        let _ = std::fs::remove_dir_all(&dir);
     }
-    res?;
-    if let Some(t) = &torch {
-        print_torch(t);
+    if wants(Workload::Vulkan) {
+        rust.insert("vulkan".into(), vulkan_workload(a, backend)?);
     }
-    let rust = Value::Object(rust);
-    let table = ratio_table(&rust, torch.as_ref());
-    print_table(&table, torch.as_ref());
-    let load_end = loadavg();
-    println!("load average at the end: {load_end} (figures taken under load are not valid: PyTorch's OpenMP threads suffer far more from it than dcdit's pool)");
-    if let Some(path) = &a.json {
-        let mut machine = machine;
-        machine["loadavg_end"] = json!(load_end);
-        let all = json!({
-            "machine": machine,
-            "args": format!("{a:?}"),
-            "dcdit": rust,
-            "pytorch": torch,
-            "table": table,
-        });
-        crate::util::write_atomic(path, serde_json::to_string_pretty(&all)?.as_bytes())?;
-        println!("wrote {}", path.display());
+    if wants(Workload::TrainStep) {
+        let (t, man) = train_workload(a, backend, files)?;
+        rust.insert("train".into(), t);
+        pytorch(json!({ "train": man }))?;
     }
-    Ok(())
+    Ok((Value::Object(rust), torch))
+}
+
+/// Per row of the ratio table, the row of the round whose ratio is the
+/// median (the upper middle for an even count), with every round's ratio
+/// added as `ratios` in round order. Rows without a ratio come from the
+/// first round. Rows are matched by position: every round runs the same
+/// workloads.
+fn median_rounds(rounds: &[Value]) -> Value {
+    let first = rounds[0]["table"].as_array().cloned().unwrap_or_default();
+    let rows = first
+        .iter()
+        .enumerate()
+        .map(|(i, r0)| {
+            // Same arguments, same rows in the same order (a row's name
+            // may carry a measured figure, such as the GEMM peak).
+            let same: Vec<&Value> = rounds.iter().filter_map(|r| r["table"].get(i)).collect();
+            let ratios: Vec<Option<f64>> = same.iter().map(|r| r["ratio"].as_f64()).collect();
+            let mut by_ratio: Vec<(f64, &Value)> = same
+                .iter()
+                .filter_map(|r| Some((r["ratio"].as_f64()?, *r)))
+                .collect();
+            by_ratio.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let mut row = match by_ratio.get(by_ratio.len() / 2) {
+                Some((_, r)) => (*r).clone(),
+                None => r0.clone(),
+            };
+            row["ratios"] = json!(ratios);
+            row
+        })
+        .collect();
+    Value::Array(rows)
 }
 
 // ---------------------------------------------------------------------------
@@ -1286,8 +1363,16 @@ fn print_table(table: &Value, torch: Option<&Value>) {
     let ratio = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.3}"));
     for r in table.as_array().into_iter().flatten() {
         let unit = r["unit"].as_str().unwrap_or("");
+        // With --rounds, every round's ratio after the columns.
+        let rounds = match r["ratios"].as_array() {
+            Some(v) => format!(
+                "  rounds: {}",
+                v.iter().map(ratio).collect::<Vec<_>>().join(" ")
+            ),
+            None => String::new(),
+        };
         println!(
-            "{:<58} {:>12} {:>12} {:>7} {:>20} {:>5} {:>9}",
+            "{:<58} {:>12} {:>12} {:>7} {:>20} {:>5} {:>9}{rounds}",
             r["workload"].as_str().unwrap_or(""),
             num(&r["dcdit"], unit),
             num(&r["pytorch"], unit),
@@ -1360,6 +1445,28 @@ mod tests {
                 .count();
             assert_eq!(kept, want, "keep {keep}");
         }
+    }
+
+    /// The median round's row per workload (the upper middle for an even
+    /// count), every round's ratio in round order, rows without a ratio from
+    /// the first round.
+    #[test]
+    fn rounds_give_the_median_rounds_row() {
+        let round = |r: f64, ms: f64| {
+            json!({ "table": [
+                { "workload": "forward", "dcdit": ms, "pytorch": 1.0, "ratio": r, "met": r <= 0.8 },
+                { "workload": "bf16", "dcdit": ms, "pytorch": null, "ratio": null },
+            ]})
+        };
+        let t = median_rounds(&[round(0.9, 9.0), round(0.7, 7.0), round(0.8, 8.0)]);
+        assert_eq!(t[0]["ratio"], json!(0.8));
+        assert_eq!(t[0]["dcdit"], json!(8.0));
+        assert_eq!(t[0]["met"], json!(true));
+        assert_eq!(t[0]["ratios"], json!([0.9, 0.7, 0.8]));
+        assert_eq!(t[1]["dcdit"], json!(9.0));
+        assert_eq!(t[1]["ratios"], json!([null, null, null]));
+        let t = median_rounds(&[round(0.7, 7.0), round(0.9, 9.0)]);
+        assert_eq!(t[0]["ratio"], json!(0.9));
     }
 
     #[test]

@@ -88,6 +88,42 @@ fn bench_runs_every_workload_and_prints_its_table() {
     assert!(comps.iter().all(|c| c["seconds"].as_f64().unwrap() >= 0.0));
 }
 
+/// `--rounds 2`: every workload twice, each round's table, then the median
+/// rounds' table with every round's ratio; the JSON keeps both rounds.
+#[test]
+fn bench_rounds_repeat_the_workloads() {
+    let json = tmp("bench-rounds.json");
+    let (ok, out, err) = bench(&[
+        "--workloads",
+        "forward",
+        "--keep",
+        "0.5",
+        "--rounds",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
+    for want in [
+        "round 1 of 2",
+        "round 2 of 2",
+        "the round with the median ratio",
+        "rounds: - -",
+    ] {
+        assert!(out.contains(want), "`{want}` missing from:\n{out}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rounds = v["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    assert!(rounds
+        .iter()
+        .all(|r| r["dcdit"]["forward"].as_array().unwrap().len() == 1));
+    assert_eq!(v["table"][0]["ratios"], serde_json::json!([null, null]));
+    let (ok, _, err) = bench(&["--rounds", "0"]);
+    assert!(!ok);
+    assert!(err.contains("--rounds"), "{err}");
+}
+
 /// The Vulkan workload: the MNIST forward on the device next to the CPU,
 /// outputs within f32 rounding. Skipped without a device unless
 /// `DCDIT_REQUIRE_VULKAN=1` (as in CI, on lavapipe).
