@@ -10,6 +10,8 @@
 #
 # Writes bench/results/{machine.txt,bench.txt,bench.json,kernels.txt}.
 # Environment: ITERS (timed runs per figure, default 9), WARMUP (default 2),
+# ROUNDS (default 1: each dcdit/PyTorch pair run that many times in turn,
+# the round with the median ratio reported per row),
 # THREADS (default 2), OUT (default bench/results), KERNELS=0 skips the
 # criterion benches. Run it on an otherwise idle machine: every figure is a
 # median, but two busy neighbours on a 2-core machine still move them.
@@ -18,6 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 ITERS=${ITERS:-9}
 WARMUP=${WARMUP:-2}
+ROUNDS=${ROUNDS:-1}
 THREADS=${THREADS:-2}
 mkdir -p "$OUT"
 
@@ -38,7 +41,7 @@ fi
 } > "$OUT/machine.txt" 2>&1
 
 ./target/release/dcdit-cli bench --against-pytorch \
-    --iters "$ITERS" --warmup "$WARMUP" --threads "$THREADS" \
+    --iters "$ITERS" --warmup "$WARMUP" --rounds "$ROUNDS" --threads "$THREADS" \
     --json "$OUT/bench.json" | tee "$OUT/bench.txt"
 
 if [ "${KERNELS:-1}" != 0 ]; then
