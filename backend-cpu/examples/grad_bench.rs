@@ -142,10 +142,16 @@ fn mnist_shapes(b: &CpuBackend, conv_only: bool) -> dcdit_core::Result<()> {
         height: side,
         width: side,
     };
-    // The encoder's 3x3 convolutions (28x28, 32 and 64 channels).
-    let convs = [(32, 32), (32, 64), (64, 32)];
+    // Every convolution of the MNIST model at 28x28: 3x3 embedding,
+    // encoder/decoder blocks and router; 1x1 skips and router projections.
+    let convs3 = [(1, 32), (32, 32), (32, 64), (64, 32), (16, 16)];
+    let convs1 = [(32, 64), (64, 32), (64, 16), (16, 1)];
+    let convs = || -> dcdit_core::Result<()> {
+        conv_shapes(b, "mnist ", grid, &convs3, &[3])?;
+        conv_shapes(b, "mnist ", grid, &convs1, &[1])
+    };
     if conv_only {
-        return conv_shapes(b, "mnist ", grid, &convs, &[3]);
+        return convs();
     }
     let seg = uniform_segments(segs, len);
     let tt = segs * len;
@@ -193,5 +199,5 @@ fn mnist_shapes(b: &CpuBackend, conv_only: bool) -> dcdit_core::Result<()> {
             gf / dw
         );
     }
-    conv_shapes(b, "mnist ", grid, &convs, &[3])
+    convs()
 }
