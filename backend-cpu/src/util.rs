@@ -383,3 +383,63 @@ pub(crate) fn conv_reference(
     }
     out
 }
+
+/// A convolution kernel under test: `(xp, grid, cin, wt, cout, k, bias, out)`
+/// as `direct_conv::conv`.
+#[cfg(test)]
+pub(crate) type ConvKernel<'a> = &'a dyn Fn(
+    &crate::dense::Padded,
+    dcdit_core::backend::Grid,
+    usize,
+    &[f32],
+    usize,
+    usize,
+    Option<&[f32]>,
+    &mut [f32],
+);
+
+/// One random case of a convolution kernel against [`conv_reference`] (the
+/// quickcheck property of the kernels' tests): batch 1-3, grids up to 17 x
+/// 19 (odd sizes, partial register and Winograd tiles), `cin` 1-24, `cout`
+/// 1-37 (partial channel panels), kernel size `k`, with or without bias;
+/// errors within 1e-5 of the output scale.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_case(
+    kernel: ConvKernel,
+    seed: u64,
+    (bt, h, w): (u8, u8, u8),
+    cin: u8,
+    cout: u8,
+    k: usize,
+    bias: bool,
+) -> quickcheck::TestResult {
+    let g = dcdit_core::backend::Grid {
+        batch: bt as usize % 3 + 1,
+        height: h as usize % 17 + 1,
+        width: w as usize % 19 + 1,
+    };
+    let (cin, cout) = (cin as usize % 24 + 1, cout as usize % 37 + 1);
+    let xs = test_data(g.rows() * cin, seed);
+    let wt = test_data(cout * k * k * cin, seed ^ 1);
+    let b = if bias {
+        test_data(cout, seed ^ 2)
+    } else {
+        vec![0.0; cout]
+    };
+    let xp = crate::dense::Padded::new(&xs, g, cin, k / 2);
+    let mut out = vec![f32::NAN; g.rows() * cout];
+    kernel(&xp, g, cin, &wt, cout, k, bias.then_some(&b[..]), &mut out);
+    crate::pool::give(xp.data);
+    let want = conv_reference(&xs, g, cin, &wt, cout, k, &b);
+    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    for (i, (&o, &r)) in out.iter().zip(&want).enumerate() {
+        let err = (o as f64 - r).abs();
+        if err.is_nan() || err > 1e-5 * scale {
+            return quickcheck::TestResult::error(format!(
+                "{g:?} cin {cin} cout {cout} k {k}: [{i}] {o} vs {r}"
+            ));
+        }
+    }
+    quickcheck::TestResult::passed()
+}

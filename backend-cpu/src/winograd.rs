@@ -449,7 +449,7 @@ unsafe fn grad_tile(dy: &[&[f32]; 4], yh: &mut [f32], at: usize, stride: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::{conv_reference, test_data};
+    use crate::util::{conv_case, conv_reference, test_data};
     use quickcheck::{QuickCheck, TestResult};
 
     #[test]
@@ -460,38 +460,18 @@ mod tests {
         }
         // Odd heights and widths (tiles half outside the image), channel
         // counts around NR (partial panels), tile counts around TILES.
-        fn prop(seed: u64, bt: u8, h: u8, w: u8, cin: u8, cout: u8, bias: bool) -> TestResult {
-            let g = Grid {
-                batch: bt as usize % 3 + 1,
-                height: h as usize % 17 + 1,
-                width: w as usize % 19 + 1,
-            };
-            let (cin, cout) = (cin as usize % 24 + 1, cout as usize % 37 + 1);
-            let xs = test_data(g.rows() * cin, seed);
-            let wt = test_data(cout * 9 * cin, seed ^ 1);
-            let b = test_data(cout, seed ^ 2);
-            let xp = Padded::new(&xs, g, cin, 1);
-            let mut out = vec![f32::NAN; g.rows() * cout];
-            // Called directly (not through `applies`), so AVX-512 CI
-            // machines and small channel counts test it too.
-            conv(&xp, g, cin, &wt, cout, bias.then_some(&b[..]), &mut out);
-            crate::pool::give(xp.data);
-            let zero = vec![0.0; cout];
-            let want = conv_reference(&xs, g, cin, &wt, cout, 3, if bias { &b } else { &zero });
-            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-            for (i, (&o, &r)) in out.iter().zip(&want).enumerate() {
-                let err = (o as f64 - r).abs();
-                if err.is_nan() || err > 1e-5 * scale {
-                    return TestResult::error(format!(
-                        "{g:?} cin {cin} cout {cout}: [{i}] {o} vs {r}"
-                    ));
-                }
-            }
-            TestResult::passed()
+        // Called directly (not through `applies`), so AVX-512 CI machines
+        // and small channel counts test it too.
+        fn prop(seed: u64, bhw: (u8, u8, u8), cin: u8, cout: u8, bias: bool) -> TestResult {
+            let kernel =
+                |xp: &Padded, g, cin, wt: &[f32], cout, _k, b: Option<&[f32]>, out: &mut [f32]| {
+                    conv(xp, g, cin, wt, cout, b, out)
+                };
+            conv_case(&kernel, seed, bhw, cin, cout, 3, bias)
         }
         QuickCheck::new()
             .tests(60)
-            .quickcheck(prop as fn(u64, u8, u8, u8, u8, u8, bool) -> TestResult);
+            .quickcheck(prop as fn(u64, (u8, u8, u8), u8, u8, bool) -> TestResult);
     }
 
     /// The weight gradient's definition in f64: `dw[o, ky, kx, c] = sum over
