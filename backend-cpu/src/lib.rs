@@ -13,7 +13,7 @@
 //!   k sliding-window gemms over a zero-padded copy of the input (in NHWC a
 //!   kernel row's pixels are adjacent, so no im2col buffer). On AVX2 + FMA
 //!   CPUs without AVX-512 convolutions take our own kernels instead:
-//!   Winograd F(2x2, 3x3) for 3x3 kernels of 8 or more channels (forward,
+//!   Winograd F(2x2, 3x3) for 3x3 kernels of 32 or more channels (forward,
 //!   input and weight gradients, 2.25x fewer multiply-adds), a direct
 //!   register-blocked kernel for the rest. Attention runs
 //!   a streaming (online) softmax over blocks of 512 keys, two gemms per
