@@ -314,12 +314,11 @@ pub(crate) fn conv_padded(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::direct_conv::available() {
-        if crate::winograd::applies(k, cin, cout) {
-            crate::winograd::conv(xp, grid, cin, wt, cout, bias, out);
-        } else {
-            crate::direct_conv::conv(xp, grid, cin, wt, cout, k, bias, out);
-        }
+    if crate::winograd::applies(k, cin, cout) {
+        crate::winograd::conv(xp, grid, cin, wt, cout, bias, out);
+        return;
+    } else if crate::direct_conv::available() {
+        crate::direct_conv::conv(xp, grid, cin, wt, cout, k, bias, out);
         return;
     }
     let q = xp.positions(grid);

@@ -148,13 +148,12 @@ pub(crate) fn conv(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::conv_case;
+    use crate::util::{conv_case, no_avx2_fma};
     use quickcheck::{QuickCheck, TestResult};
 
     #[test]
     fn matches_the_definition() {
-        if !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma") {
-            eprintln!("skipped: no AVX2 + FMA");
+        if no_avx2_fma() {
             return;
         }
         // Odd pixel counts (blocks of fewer than MR pixels), channel counts

@@ -407,7 +407,7 @@ fn weight_grad(
     dw: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::direct_conv::available() && crate::winograd::applies(k, cin, cout) {
+    if crate::winograd::applies(k, cin, cout) {
         crate::winograd::weight_grad(xp, grid, cin, gs, cout, dw);
         return;
     }

@@ -432,14 +432,31 @@ pub(crate) fn conv_case(
     kernel(&xp, g, cin, &wt, cout, k, bias.then_some(&b[..]), &mut out);
     crate::pool::give(xp.data);
     let want = conv_reference(&xs, g, cin, &wt, cout, k, &b);
-    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    for (i, (&o, &r)) in out.iter().zip(&want).enumerate() {
-        let err = (o as f64 - r).abs();
-        if err.is_nan() || err > 1e-5 * scale {
-            return quickcheck::TestResult::error(format!(
-                "{g:?} cin {cin} cout {cout} k {k}: [{i}] {o} vs {r}"
-            ));
-        }
+    match first_mismatch(&out, &want, 1e-5) {
+        Some(m) => quickcheck::TestResult::error(format!("{g:?} cin {cin} cout {cout} k {k}: {m}")),
+        None => quickcheck::TestResult::passed(),
     }
-    quickcheck::TestResult::passed()
+}
+
+/// The first element of `got` further than `tol` times the output scale
+/// (the largest `|want|`, at least 1) from `want`, or NaN, as `"[i] got vs
+/// want"`.
+#[cfg(test)]
+pub(crate) fn first_mismatch(got: &[f32], want: &[f64], tol: f64) -> Option<String> {
+    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    got.iter().zip(want).enumerate().find_map(|(i, (&o, &r))| {
+        let err = (o as f64 - r).abs();
+        (err.is_nan() || err > tol * scale).then(|| format!("[{i}] {o} vs {r}"))
+    })
+}
+
+/// True (after saying the test is skipped) where the CPU lacks AVX2 + FMA,
+/// which the x86-64 kernels' tests call directly.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn no_avx2_fma() -> bool {
+    let missing = !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma");
+    if missing {
+        eprintln!("skipped: no AVX2 + FMA");
+    }
+    missing
 }

@@ -46,13 +46,15 @@ const TILES: usize = MR * 8;
 /// on a 2-core Zen 3; at 32 the two were level and the weight gradient gained.
 const MIN_CHANNELS: usize = 32;
 
-/// Whether [`conv`] handles this convolution (the caller has checked
-/// [`crate::direct_conv::available`]).
+/// Whether [`conv`] and [`weight_grad`] handle this convolution: where the
+/// direct kernel is used ([`crate::direct_conv::available`]: AVX2 + FMA
+/// without AVX-512), 3x3, enough channels, and not `DCDIT_CONV_DIRECT=1`.
 pub(crate) fn applies(k: usize, cin: usize, cout: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     k == 3
         && cin >= MIN_CHANNELS
         && cout >= MIN_CHANNELS
+        && crate::direct_conv::available()
         && !*OFF.get_or_init(|| std::env::var_os("DCDIT_CONV_DIRECT").is_some())
 }
 
@@ -149,7 +151,7 @@ impl Tiles {
 /// Stride-1 "same" 3x3 convolution of `xp` (the [`Padded`] layout of a
 /// `(grid.rows(), cin)` input, padding 1) with OHWI `wt (cout, 3, 3, cin)`,
 /// written to `out (grid.rows(), cout)` (overwritten; the bias added). The
-/// caller checks [`crate::direct_conv::available`] and [`applies`].
+/// caller checks [`applies`].
 pub(crate) fn conv(
     xp: &Padded,
     grid: Grid,
@@ -244,8 +246,7 @@ pub(crate) fn conv(
 /// so `dU_xi = sum over tiles of (A dY A^T)_xi (B^T d B)_xi^T` (16 products
 /// of depth "tiles", 2.25x fewer multiply-adds than the direct weight
 /// gradient) and `dw = G^T dU G`. The tiles are split over the threads, each
-/// accumulating its own `dU`. The caller checks
-/// [`crate::direct_conv::available`] and [`applies`].
+/// accumulating its own `dU`. The caller checks [`applies`].
 pub(crate) fn weight_grad(
     xp: &Padded,
     grid: Grid,
@@ -452,13 +453,12 @@ unsafe fn grad_tile(dy: &[&[f32]; 4], yh: &mut [f32], at: usize, stride: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::{conv_case, conv_reference, test_data};
+    use crate::util::{conv_case, conv_reference, first_mismatch, no_avx2_fma, test_data};
     use quickcheck::{QuickCheck, TestResult};
 
     #[test]
     fn matches_the_definition() {
-        if !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma") {
-            eprintln!("skipped: no AVX2 + FMA");
+        if no_avx2_fma() {
             return;
         }
         // Odd heights and widths (tiles half outside the image), channel
@@ -510,8 +510,7 @@ mod tests {
 
     #[test]
     fn weight_grad_matches_the_definition() {
-        if !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma") {
-            eprintln!("skipped: no AVX2 + FMA");
+        if no_avx2_fma() {
             return;
         }
         // Odd grids (tiles half outside), channel counts around MR and NR,
@@ -530,16 +529,10 @@ mod tests {
             weight_grad(&xp, g, cin, &gs, cout, &mut dw);
             crate::pool::give(xp.data);
             let want = weight_grad_reference(&xs, g, cin, &gs, cout);
-            let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-            for (i, (&o, &r)) in dw.iter().zip(&want).enumerate() {
-                let err = (o as f64 - r).abs();
-                if err.is_nan() || err > 1e-5 * scale {
-                    return TestResult::error(format!(
-                        "{g:?} cin {cin} cout {cout}: dw[{i}] {o} vs {r}"
-                    ));
-                }
+            match first_mismatch(&dw, &want, 1e-5) {
+                Some(m) => TestResult::error(format!("{g:?} cin {cin} cout {cout}: dw{m}")),
+                None => TestResult::passed(),
             }
-            TestResult::passed()
         }
         QuickCheck::new()
             .tests(60)
@@ -551,8 +544,7 @@ mod tests {
     /// kernel's level.
     #[test]
     fn wide_channels_match_the_definition() {
-        if !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma") {
-            eprintln!("skipped: no AVX2 + FMA");
+        if no_avx2_fma() {
             return;
         }
         let (g, c) = (

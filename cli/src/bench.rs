@@ -211,38 +211,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let files = a.against_pytorch.then_some(dir.as_path());
 
-    let mut rounds = Vec::new();
-    for round in 0..a.rounds {
-        if a.rounds > 1 {
-            println!("\n=== round {} of {} ===", round + 1, a.rounds);
-        }
-        let res = run_round(&a, &backend, script.as_deref(), &dir, files);
-        if res.is_err() && tmp_owned && a.against_pytorch {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        let (rust, torch) = res?;
-        if let Some(t) = &torch {
-            print_torch(t);
-        }
-        let table = ratio_table(&rust, torch.as_ref());
-        print_table(&table, torch.as_ref());
-        rounds.push(json!({ "dcdit": rust, "pytorch": torch, "table": table }));
-    }
+    let rounds = (0..a.rounds)
+        .map(|round| -> Result<Value> {
+            if a.rounds > 1 {
+                println!("\n=== round {} of {} ===", round + 1, a.rounds);
+            }
+            let (rust, torch) = run_round(&a, &backend, script.as_deref(), &dir, files)?;
+            if let Some(t) = &torch {
+                print_torch(t);
+            }
+            let table = ratio_table(&rust, torch.as_ref());
+            print_table(&table, torch.is_some());
+            Ok(json!({ "dcdit": rust, "pytorch": torch, "table": table }))
+        })
+        .collect::<Result<Vec<_>>>();
     if tmp_owned && a.against_pytorch {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    let rounds = rounds?;
     let table = if rounds.len() > 1 {
         let t = median_rounds(&rounds);
         println!(
             "\n=== the round with the median ratio, per row, of {} rounds ===",
             rounds.len()
         );
-        print_table(
-            &t,
-            rounds[0]["pytorch"]
-                .as_object()
-                .map(|_| &rounds[0]["pytorch"]),
-        );
+        print_table(&t, rounds[0]["pytorch"].is_object());
         t
     } else {
         rounds[0]["table"].clone()
@@ -1349,7 +1342,7 @@ fn ratio_table(rust: &Value, torch: Option<&Value>) -> Value {
     Value::Array(rows)
 }
 
-fn print_table(table: &Value, torch: Option<&Value>) {
+fn print_table(table: &Value, with_pytorch: bool) {
     println!();
     println!(
         "{:<58} {:>12} {:>12} {:>7} {:>20} {:>5} {:>9}",
@@ -1386,7 +1379,7 @@ fn print_table(table: &Value, torch: Option<&Value>) {
             ratio(&r["ratio_of_minima"]),
         );
     }
-    if torch.is_none() {
+    if !with_pytorch {
         println!("(PyTorch columns empty: run with --against-pytorch)");
     }
 }

@@ -1084,26 +1084,35 @@ mod tests {
                 .map(|(a, &b)| a * b as f64)
                 .sum()
         };
+        // Central difference of the loss in h[k] (`in_h`) or p[k].
         let eps = 1e-6;
+        let fd = |k: usize, in_h: bool| {
+            let (mut hp, mut pp) = (h64.clone(), p64.clone());
+            let (mut hm, mut pm) = (h64.clone(), p64.clone());
+            if in_h {
+                hp[k] += eps;
+                hm[k] -= eps;
+            } else {
+                pp[k] += eps;
+                pm[k] -= eps;
+            }
+            (loss(&hp, &pp) - loss(&hm, &pm)) / (2.0 * eps)
+        };
         for k in [0, 1, 2 * 351, 2 * 699 + 1] {
-            let (mut hp, mut hm) = (h64.clone(), h64.clone());
-            hp[k] += eps;
-            hm[k] -= eps;
-            let fd = (loss(&hp, &p64) - loss(&hm, &p64)) / (2.0 * eps);
+            let want = fd(k, true);
+            let tol = 1e-4 * (1.0 + want.abs());
             assert!(
-                (gh[k] as f64 - fd).abs() <= 1e-4 * (1.0 + fd.abs()),
-                "dh[{k}] {} vs {fd}",
+                (gh[k] as f64 - want).abs() <= tol,
+                "dh[{k}] {} vs {want}",
                 gh[k]
             );
         }
         for k in [0, 350, 699] {
-            let (mut pp, mut pm) = (p64.clone(), p64.clone());
-            pp[k] += eps;
-            pm[k] -= eps;
-            let fd = (loss(&h64, &pp) - loss(&h64, &pm)) / (2.0 * eps);
+            let want = fd(k, false);
+            let tol = 2e-4 * (1.0 + want.abs());
             assert!(
-                (gp[k] as f64 - fd).abs() <= 2e-4 * (1.0 + fd.abs()),
-                "dp[{k}] {} vs {fd}",
+                (gp[k] as f64 - want).abs() <= tol,
+                "dp[{k}] {} vs {want}",
                 gp[k]
             );
         }
