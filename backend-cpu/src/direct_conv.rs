@@ -41,7 +41,7 @@ pub(crate) fn available() -> bool {
 
 /// OHWI weights `(cout, kc)` packed into `ceil(cout / NR)` panels of
 /// `(kc, NR)` floats, zero past `cout`.
-fn pack_weights(wt: &[f32], cout: usize, kc: usize) -> Vec<f32> {
+pub(crate) fn pack_weights(wt: &[f32], cout: usize, kc: usize) -> Vec<f32> {
     let panels = cout.div_ceil(NR);
     let mut p = crate::pool::take(panels * kc * NR);
     p.par_chunks_mut(kc * NR)

@@ -58,6 +58,8 @@ mod microkernel;
 mod norm;
 pub mod pool;
 pub mod profile;
+#[cfg(target_arch = "x86_64")]
+mod sgemm;
 mod tensor;
 mod util;
 #[cfg(target_arch = "x86_64")]
