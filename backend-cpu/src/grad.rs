@@ -19,8 +19,8 @@ use crate::math::{softmax_online, softmax_probs, unary_backward_slice};
 use crate::norm::{group_stats, GroupStats};
 use crate::tensor::{numel_of, CpuTensor};
 use crate::util::{
-    check_segments, dot, for_row_chunks, for_rows_with_sample, gemm_f32, sum, sum_sq, sum_sq_dev,
-    Mat, SyncPtr, GEMM_PAR_WORK, PAR_GRAIN,
+    check_segments, dot, for_row_chunks, for_rows_with_sample, gemm_f32, gemm_long_k, sum,
+    sum_of_parts, sum_sq, sum_sq_dev, Mat, SyncPtr, GEMM_PAR_WORK, PAR_GRAIN,
 };
 use crate::CpuBackend;
 
@@ -227,21 +227,7 @@ fn matmul(a: &CpuTensor, b: &CpuTensor, ta: bool, tb: bool) -> Result<CpuTensor>
         }
     };
     // SAFETY: shapes checked; `out` is exclusively owned.
-    unsafe {
-        gemm_f32(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            n as isize,
-            1,
-            false,
-            lhs,
-            rhs,
-            1.0,
-            true,
-        );
-    }
+    unsafe { gemm_long_k(m, n, k, &mut out, lhs, rhs) };
     Ok(CpuTensor::from_result(out, &[m, n], a.dtype()))
 }
 
@@ -318,14 +304,11 @@ fn conv2d_backward(
             // SAFETY: shapes checked; outputs exclusively owned.
             unsafe {
                 // dw (cout, cin) = g^T (cout, rows) x (rows, cin)
-                gemm_f32(
+                gemm_long_k(
                     cout,
                     cin,
                     rows,
-                    dw.as_mut_ptr(),
-                    cin as isize,
-                    1,
-                    false,
+                    &mut dw,
                     Mat {
                         ptr: gs.as_ptr(),
                         rs: 1,
@@ -336,8 +319,6 @@ fn conv2d_backward(
                         rs: cin as isize,
                         cs: 1,
                     },
-                    1.0,
-                    true,
                 );
                 // dx (rows, cin) = g (rows, cout) w (cout, cin)
                 gemm_f32(
@@ -475,23 +456,7 @@ fn conv_weight_grad(
             }
         }
     };
-    if parts == 1 {
-        run(0, dw);
-    } else {
-        let partial: Vec<Vec<f32>> = (0..parts)
-            .into_par_iter()
-            .map(|part| {
-                let mut acc = crate::pool::take(cout * kc);
-                run(part, &mut acc);
-                acc
-            })
-            .collect();
-        dw.copy_from_slice(&partial[0]);
-        for p in &partial[1..] {
-            add_into(dw, p);
-        }
-        partial.into_iter().for_each(crate::pool::give);
-    }
+    sum_of_parts(dw, parts, run);
 }
 
 /// Gradients of the depthwise 3x3 convolution: `(dx, dw)`.

@@ -191,6 +191,115 @@ pub(crate) struct Mat {
     pub(crate) cs: isize,
 }
 
+// SAFETY: a `Mat` is a read-only view; whoever makes one guarantees that
+// its data outlives every use and is not written meanwhile, on any thread.
+unsafe impl Send for Mat {}
+// SAFETY: as above.
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    /// The view from reduction index `k0` on: `Mat` as a left operand
+    /// (`(m, k)`, `k` along `cs`) when `lhs`, else as a right one (`(k, n)`,
+    /// `k` along `rs`).
+    ///
+    /// # Safety
+    /// `k0` must lie within the operand.
+    unsafe fn from_k(self, k0: usize, lhs: bool) -> Mat {
+        let step = if lhs { self.cs } else { self.rs };
+        Mat {
+            ptr: self.ptr.offset(k0 as isize * step),
+            ..self
+        }
+    }
+}
+
+/// `out = sum of run(p, buf) over p < parts`: `parts` jobs run in parallel,
+/// each filling a buffer of `out.len()` floats (overwriting it), and the
+/// buffers are added in part order. With one part, `run` writes `out`.
+pub(crate) fn sum_of_parts(out: &mut [f32], parts: usize, run: impl Fn(usize, &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if parts <= 1 {
+        run(0, out);
+        return;
+    }
+    let partial: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|part| {
+            let mut acc = crate::pool::take(out.len());
+            run(part, &mut acc);
+            acc
+        })
+        .collect();
+    out.copy_from_slice(&partial[0]);
+    for p in &partial[1..] {
+        for (o, &v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    partial.into_iter().for_each(crate::pool::give);
+}
+
+/// `dst (m, n) = lhs (m, k) * rhs (k, n)` (overwritten; rows of `n`
+/// contiguous) for products whose reduction is long against their result,
+/// such as weight gradients (`k` = tokens or pixels): the `gemm` crate
+/// splits the result over the threads, which for a result of a few blocks
+/// leaves one thread working, so here the reduction is split instead (one
+/// part per thread, partial results added; [`sum_of_parts`]) when `k` is at
+/// least 4x both `m` and `n`. Otherwise one parallel [`gemm_f32`].
+///
+/// # Safety
+/// As [`gemm_f32`].
+pub(crate) unsafe fn gemm_long_k(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: Mat,
+    rhs: Mat,
+) {
+    debug_assert_eq!(dst.len(), m * n);
+    let threads = rayon::current_num_threads();
+    let split =
+        threads > 1 && m.saturating_mul(n).saturating_mul(k) >= GEMM_PAR_WORK && k >= 4 * m.max(n);
+    if !split {
+        gemm_f32(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            n as isize,
+            1,
+            false,
+            lhs,
+            rhs,
+            1.0,
+            true,
+        );
+        return;
+    }
+    let per = k.div_ceil(threads);
+    sum_of_parts(dst, threads, |part, acc| {
+        let k0 = (part * per).min(k);
+        let kn = per.min(k - k0);
+        // SAFETY: k0 + kn <= k, inside both operands; `acc` holds m * n.
+        unsafe {
+            gemm_f32(
+                m,
+                n,
+                kn,
+                acc.as_mut_ptr(),
+                n as isize,
+                1,
+                false,
+                lhs.from_k(k0, true),
+                rhs.from_k(k0, false),
+                1.0,
+                false,
+            );
+        }
+    });
+}
+
 /// `dst (m, n) = [dst +] scale * lhs (m, k) * rhs (k, n)` with f32 operands.
 /// `accumulate` keeps the existing `dst` values (e.g. a pre-filled bias).
 ///
@@ -459,4 +568,69 @@ pub(crate) fn no_avx2_fma() -> bool {
         eprintln!("skipped: no AVX2 + FMA");
     }
     missing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The split reduction of [`gemm_long_k`] (2 threads, 3 parts, a
+    /// reduction past the split threshold) against an f64 product, with the
+    /// left operand stored transposed (its `k` along `cs`, as in `g^T x`) and
+    /// row-major, so that a part starting at the wrong offset of either
+    /// operand fails; and the unsplit path for a short reduction.
+    #[test]
+    fn long_reductions_split_over_threads() {
+        for (threads, m, n, k) in [(2, 5, 7, 40_001), (3, 9, 4, 50_000), (2, 40, 30, 100)] {
+            let a = test_data(m * k, 1);
+            let b = test_data(k * n, 2);
+            for transposed in [true, false] {
+                // lhs (m, k): stored (k, m) when transposed, else (m, k).
+                let lhs = if transposed {
+                    Mat {
+                        ptr: a.as_ptr(),
+                        rs: 1,
+                        cs: m as isize,
+                    }
+                } else {
+                    Mat {
+                        ptr: a.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    }
+                };
+                let rhs = Mat {
+                    ptr: b.as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                };
+                let mut out = vec![f32::NAN; m * n];
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                // SAFETY: the operands hold m * k and k * n floats.
+                pool.install(|| unsafe { gemm_long_k(m, n, k, &mut out, lhs, rhs) });
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|t| {
+                                let l = if transposed {
+                                    a[t * m + i]
+                                } else {
+                                    a[i * k + t]
+                                };
+                                l as f64 * b[t * n + j] as f64
+                            })
+                            .sum();
+                        let got = out[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-3,
+                            "k {k} ({i}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
