@@ -204,7 +204,7 @@ impl Mat {
     ///
     /// # Safety
     /// `k0` must lie within the operand.
-    unsafe fn from_k(self, k0: usize, lhs: bool) -> Mat {
+    unsafe fn skip_k(self, k0: usize, lhs: bool) -> Mat {
         let step = if lhs { self.cs } else { self.rs };
         Mat {
             ptr: self.ptr.offset(k0 as isize * step),
@@ -291,8 +291,8 @@ pub(crate) unsafe fn gemm_long_k(
                 n as isize,
                 1,
                 false,
-                lhs.from_k(k0, true),
-                rhs.from_k(k0, false),
+                lhs.skip_k(k0, true),
+                rhs.skip_k(k0, false),
                 1.0,
                 false,
             );
