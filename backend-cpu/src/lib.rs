@@ -15,7 +15,10 @@
 //!   CPUs without AVX-512 convolutions take our own kernels instead:
 //!   Winograd F(2x2, 3x3) for 3x3 kernels of 32 or more channels (forward,
 //!   input and weight gradients, 2.25x fewer multiply-adds), a direct
-//!   register-blocked kernel for the rest. Attention runs
+//!   register-blocked kernel for the rest, and linear layers over 1536 or
+//!   more rows a packed, cache-blocked GEMM on the same register block
+//!   (`sgemm`). Weight gradients whose reduction (tokens, pixels) is long
+//!   against their size split the reduction over the threads. Attention runs
 //!   a streaming (online) softmax over blocks of 512 keys, two gemms per
 //!   block of a `(segment, head, query block)` task.
 //! * Element-wise, norm and reduction loops are plain Rust compiled per SIMD
