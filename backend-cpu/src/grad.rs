@@ -200,32 +200,8 @@ fn matmul(a: &CpuTensor, b: &CpuTensor, ta: bool, tb: bool) -> Result<CpuTensor>
     let av = a.to_f32_cow();
     let bv = b.to_f32_cow();
     let mut out = crate::pool::take(m * n);
-    let lhs = if ta {
-        Mat {
-            ptr: av.as_ptr(),
-            rs: 1,
-            cs: ac as isize,
-        }
-    } else {
-        Mat {
-            ptr: av.as_ptr(),
-            rs: ac as isize,
-            cs: 1,
-        }
-    };
-    let rhs = if tb {
-        Mat {
-            ptr: bv.as_ptr(),
-            rs: 1,
-            cs: bc as isize,
-        }
-    } else {
-        Mat {
-            ptr: bv.as_ptr(),
-            rs: bc as isize,
-            cs: 1,
-        }
-    };
+    let lhs = Mat::dense(av.as_ptr(), ac, ta);
+    let rhs = Mat::dense(bv.as_ptr(), bc, tb);
     // SAFETY: shapes checked; `out` is exclusively owned.
     unsafe { gemm_long_k(m, n, k, &mut out, lhs, rhs) };
     Ok(CpuTensor::from_result(out, &[m, n], a.dtype()))

@@ -198,6 +198,17 @@ unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
 impl Mat {
+    /// A row-major buffer of `cols`-wide rows viewed as itself or, when
+    /// `transposed`, as its transpose.
+    pub(crate) fn dense(ptr: *const f32, cols: usize, transposed: bool) -> Mat {
+        let (rs, cs) = if transposed {
+            (1, cols as isize)
+        } else {
+            (cols as isize, 1)
+        };
+        Mat { ptr, rs, cs }
+    }
+
     /// The view from reduction index `k0` on: `Mat` as a left operand
     /// (`(m, k)`, `k` along `cs`) when `lhs`, else as a right one (`(k, n)`,
     /// `k` along `rs`).
@@ -586,24 +597,8 @@ mod tests {
             let b = test_data(k * n, 2);
             for transposed in [true, false] {
                 // lhs (m, k): stored (k, m) when transposed, else (m, k).
-                let lhs = if transposed {
-                    Mat {
-                        ptr: a.as_ptr(),
-                        rs: 1,
-                        cs: m as isize,
-                    }
-                } else {
-                    Mat {
-                        ptr: a.as_ptr(),
-                        rs: k as isize,
-                        cs: 1,
-                    }
-                };
-                let rhs = Mat {
-                    ptr: b.as_ptr(),
-                    rs: n as isize,
-                    cs: 1,
-                };
+                let lhs = Mat::dense(a.as_ptr(), if transposed { m } else { k }, transposed);
+                let rhs = Mat::dense(b.as_ptr(), n, false);
                 let mut out = vec![f32::NAN; m * n];
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
