@@ -73,6 +73,11 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     let ws = w.to_f32_cow();
     let mut out = crate::pool::take(n * m);
     #[cfg(target_arch = "x86_64")]
+    if crate::sgemm::few_rows_apply(n) {
+        crate::sgemm::linear_few_rows(&xs, n, k, &ws, m, bias.as_deref(), &mut out);
+        return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::sgemm::applies(n) {
         crate::sgemm::linear(&xs, n, k, &ws, m, bias.as_deref(), &mut out);
         return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
