@@ -17,7 +17,8 @@
 //!   input and weight gradients, 2.25x fewer multiply-adds), a direct
 //!   register-blocked kernel for the rest, and linear layers over 1536 or
 //!   more rows a packed, cache-blocked GEMM on the same register block
-//!   (`sgemm`). Weight gradients whose reduction (tokens, pixels) is long
+//!   (`sgemm`), those over 16 or fewer rows a kernel that streams the weights
+//!   once. Weight gradients whose reduction (tokens, pixels) is long
 //!   against their size split the reduction over the threads. Attention runs
 //!   a streaming (online) softmax over blocks of 512 keys, two gemms per
 //!   block of a `(segment, head, query block)` task.

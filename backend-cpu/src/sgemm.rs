@@ -1,6 +1,7 @@
-//! `y = x w^T + b` for AVX2 + FMA CPUs without AVX-512, at many rows: the
+//! `y = x w^T + b` for AVX2 + FMA CPUs without AVX-512: at many rows the
 //! linear layers' GEMM on the shared [`block`] register block, cache-blocked
-//! the BLIS way.
+//! the BLIS way ([`linear`]); at a few rows a kernel that streams the weights
+//! once ([`linear_few_rows`]).
 //!
 //! Why not the `gemm` crate here (it serves every other GEMM): at DC-DiT-B's
 //! linear shapes over 2048 tokens on a 2-core Zen 3, this kernel's median time
