@@ -19,8 +19,8 @@ use crate::math::{softmax_online, softmax_probs, unary_backward_slice};
 use crate::norm::{group_stats, GroupStats};
 use crate::tensor::{numel_of, CpuTensor};
 use crate::util::{
-    check_segments, dot, for_row_chunks, for_rows_with_sample, gemm_f32, gemm_long_k, sum,
-    sum_of_parts, sum_sq, sum_sq_dev, Mat, SyncPtr, GEMM_PAR_WORK, PAR_GRAIN,
+    add_into, check_segments, dot, for_row_chunks, for_rows_with_sample, gemm_f32, gemm_long_k,
+    sum, sum_of_parts, sum_sq, sum_sq_dev, Mat, SyncPtr, GEMM_PAR_WORK, PAR_GRAIN,
 };
 use crate::CpuBackend;
 
@@ -100,14 +100,6 @@ where
         }
     }
     tot.into_iter().map(|v| v as f32).collect()
-}
-
-/// `acc += x`.
-#[inline]
-pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
-    for (a, &v) in acc.iter_mut().zip(x) {
-        *a += v;
-    }
 }
 
 /// `acc += x * y`.

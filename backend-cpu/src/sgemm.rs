@@ -40,15 +40,19 @@ const NC: usize = NR * 8;
 /// and below, 5-20% faster at 2048 and above).
 pub(crate) const MIN_ROWS: usize = 1536;
 
-/// Whether a linear layer over `n` rows takes this kernel: AVX2 + FMA
-/// without AVX-512, at least [`MIN_ROWS`] rows, unless `DCDIT_LINEAR_GEMM=1`
-/// asks for the `gemm` crate (for comparisons).
-pub(crate) fn applies(n: usize) -> bool {
+/// Whether this module's kernels serve: AVX2 + FMA without AVX-512, unless
+/// `DCDIT_LINEAR_GEMM=1` asks for the `gemm` crate (for comparisons).
+fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    n >= MIN_ROWS
-        && *ON.get_or_init(|| {
-            crate::microkernel::available() && std::env::var_os("DCDIT_LINEAR_GEMM").is_none()
-        })
+    *ON.get_or_init(|| {
+        crate::microkernel::available() && std::env::var_os("DCDIT_LINEAR_GEMM").is_none()
+    })
+}
+
+/// Whether a linear layer over `n` rows takes [`linear`]: at least
+/// [`MIN_ROWS`] rows where the module serves.
+pub(crate) fn applies(n: usize) -> bool {
+    n >= MIN_ROWS && enabled()
 }
 
 /// `out (n, m) = x (n, k) w (m, k)^T [+ bias]`, `out` overwritten. The caller
@@ -134,11 +138,10 @@ pub(crate) fn linear(
 /// such as adaLN's over a batch of 8, 16 with guidance).
 pub(crate) const FEW_ROWS: usize = 16;
 
-/// Whether a linear layer over `n` rows takes [`linear_few_rows`]: AVX2 +
-/// FMA without AVX-512, at most [`FEW_ROWS`] rows, unless
-/// `DCDIT_LINEAR_GEMM=1`.
+/// Whether a linear layer over `n` rows takes [`linear_few_rows`]: at most
+/// [`FEW_ROWS`] rows where the module serves.
 pub(crate) fn few_rows_apply(n: usize) -> bool {
-    n <= FEW_ROWS && applies(usize::MAX)
+    n <= FEW_ROWS && enabled()
 }
 
 /// Output columns (rows of `w`) per parallel task of [`linear_few_rows`].
@@ -235,6 +238,42 @@ mod tests {
     use crate::util::no_avx2_fma;
     use quickcheck::{QuickCheck, TestResult};
 
+    /// A linear kernel under test (`linear` or `linear_few_rows`).
+    type Kernel = fn(&[f32], usize, usize, &[f32], usize, Option<&[f32]>, &mut [f32]);
+
+    /// One random case of `kernel` at `(n, k, m)` against an f64 definition,
+    /// errors within 1e-6 of the summed magnitudes.
+    fn linear_case(
+        kernel: Kernel,
+        seed: u64,
+        (n, k, m): (usize, usize, usize),
+        bias: bool,
+    ) -> TestResult {
+        let mut rng = dcdit_core::rng::Rng::new(seed);
+        let mut draw = |c: usize| -> Vec<f32> { (0..c).map(|_| rng.normal() as f32).collect() };
+        let (x, w, b) = (draw(n * k), draw(m * k), draw(m));
+        let mut out = vec![f32::NAN; n * m];
+        kernel(&x, n, k, &w, m, bias.then_some(&b[..]), &mut out);
+        for i in 0..n {
+            for j in 0..m {
+                let mut want = if bias { b[j] as f64 } else { 0.0 };
+                let mut scale = want.abs();
+                for t in 0..k {
+                    let p = x[i * k + t] as f64 * w[j * k + t] as f64;
+                    want += p;
+                    scale += p.abs();
+                }
+                let got = out[i * m + j] as f64;
+                if (got - want).abs() > 1e-6 * (scale + 1.0) {
+                    return TestResult::error(format!(
+                        "n {n} k {k} m {m}: ({i}, {j}) {got} vs {want}"
+                    ));
+                }
+            }
+        }
+        TestResult::passed()
+    }
+
     #[test]
     fn matches_the_definition() {
         if no_avx2_fma() {
@@ -243,31 +282,8 @@ mod tests {
         // Shapes around the blocks: rows past MR / MC, columns past NR / NC,
         // reductions past KC (several accumulating blocks) and below it.
         fn prop(seed: u64, n: u16, k: u16, m: u16, bias: bool) -> TestResult {
-            let (n, k, m) = (n as usize % 200 + 1, k as usize % 600, m as usize % 300 + 1);
-            let mut rng = dcdit_core::rng::Rng::new(seed);
-            let x: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
-            let w: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
-            let b: Vec<f32> = (0..m).map(|_| rng.normal() as f32).collect();
-            let mut out = vec![f32::NAN; n * m];
-            linear(&x, n, k, &w, m, bias.then_some(&b[..]), &mut out);
-            for i in 0..n {
-                for j in 0..m {
-                    let mut want = if bias { b[j] as f64 } else { 0.0 };
-                    let mut scale = want.abs();
-                    for t in 0..k {
-                        let p = x[i * k + t] as f64 * w[j * k + t] as f64;
-                        want += p;
-                        scale += p.abs();
-                    }
-                    let got = out[i * m + j] as f64;
-                    if (got - want).abs() > 1e-6 * (scale + 1.0) {
-                        return TestResult::error(format!(
-                            "n {n} k {k} m {m}: ({i}, {j}) {got} vs {want}"
-                        ));
-                    }
-                }
-            }
-            TestResult::passed()
+            let shape = (n as usize % 200 + 1, k as usize % 600, m as usize % 300 + 1);
+            linear_case(linear, seed, shape, bias)
         }
         QuickCheck::new()
             .tests(40)
@@ -313,30 +329,8 @@ mod tests {
         // 1..=20 rows (groups of 8 and partial ones), reductions around the
         // 8-wide steps (tails), columns past a task.
         fn prop(seed: u64, n: u8, k: u16, m: u16, bias: bool) -> TestResult {
-            let (n, k, m) = (n as usize % 20 + 1, k as usize % 300, m as usize % 150 + 1);
-            let mut rng = dcdit_core::rng::Rng::new(seed);
-            let mut draw = |c: usize| -> Vec<f32> { (0..c).map(|_| rng.normal() as f32).collect() };
-            let (x, w, b) = (draw(n * k), draw(m * k), draw(m));
-            let mut out = vec![f32::NAN; n * m];
-            linear_few_rows(&x, n, k, &w, m, bias.then_some(&b[..]), &mut out);
-            for i in 0..n {
-                for j in 0..m {
-                    let mut want = if bias { b[j] as f64 } else { 0.0 };
-                    let mut scale = want.abs();
-                    for t in 0..k {
-                        let p = x[i * k + t] as f64 * w[j * k + t] as f64;
-                        want += p;
-                        scale += p.abs();
-                    }
-                    let got = out[i * m + j] as f64;
-                    if (got - want).abs() > 1e-6 * (scale + 1.0) {
-                        return TestResult::error(format!(
-                            "n {n} k {k} m {m}: ({i}, {j}) {got} vs {want}"
-                        ));
-                    }
-                }
-            }
-            TestResult::passed()
+            let shape = (n as usize % 20 + 1, k as usize % 300, m as usize % 150 + 1);
+            linear_case(linear_few_rows, seed, shape, bias)
         }
         QuickCheck::new()
             .tests(60)

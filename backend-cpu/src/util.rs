@@ -224,6 +224,14 @@ impl Mat {
     }
 }
 
+/// `acc += x`.
+#[inline]
+pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a += v;
+    }
+}
+
 /// `out = sum of run(p, buf) over p < parts`: `parts` jobs run in parallel,
 /// each filling a buffer of `out.len()` floats (overwriting it), and the
 /// buffers are added in part order. With one part, `run` writes `out`.
@@ -243,9 +251,7 @@ pub(crate) fn sum_of_parts(out: &mut [f32], parts: usize, run: impl Fn(usize, &m
         .collect();
     out.copy_from_slice(&partial[0]);
     for p in &partial[1..] {
-        for (o, &v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
+        add_into(out, p);
     }
     partial.into_iter().for_each(crate::pool::give);
 }

@@ -32,6 +32,7 @@ use rayon::prelude::*;
 
 use crate::dense::Padded;
 use crate::microkernel::{block, MR, NR};
+use crate::util::sum_of_parts;
 use dcdit_core::backend::Grid;
 
 /// Tiles (2x2 output pixels) per parallel task, a multiple of [`MR`]: the
@@ -266,77 +267,69 @@ pub(crate) fn weight_grad(
     let parts = rayon::current_num_threads().clamp(1, tiles.count.div_ceil(TILES));
     let per = tiles.count.div_ceil(parts);
     let zeros = vec![0.0f32; cin.max(cout)];
-    let partial: Vec<Vec<f32>> = (0..parts)
-        .into_par_iter()
-        .map(|part| {
-            let mut du = crate::pool::take_zeroed(16 * cout * cin);
-            // `V (16, TILES, cin)` plus NR floats: a partial channel panel
-            // reads (but never stores) past the last row.
-            let mut v = crate::pool::take(16 * TILES * cin + NR);
-            let mut yh = crate::pool::take(16 * cout * TILES);
-            let end = tiles.count.min((part + 1) * per);
-            for t0 in (part * per..end).step_by(TILES) {
-                let n = TILES.min(end - t0);
-                for t in 0..n {
-                    let d = tiles.window(xp, cin, &zeros[..cin], t0 + t);
-                    // SAFETY: AVX2 checked by the caller; `v` holds 16 * TILES * cin.
-                    unsafe { input_tile(&d, &mut v, t * cin, TILES * cin) };
-                    let (b, y0, x0) = tiles.origin(t0 + t);
-                    let dy: [&[f32]; 4] = std::array::from_fn(|i| {
-                        match tiles.pixel(b, (y0 + i / 2) as isize, (x0 + i % 2) as isize) {
-                            Some(p) => &g[p * cout..(p + 1) * cout],
-                            None => &zeros[..cout],
-                        }
+    // Each part accumulates its tiles' dU; the parts' dU are then added.
+    let mut du = crate::pool::take(16 * cout * cin);
+    sum_of_parts(&mut du, parts, |part, du| {
+        du.fill(0.0);
+        // `V (16, TILES, cin)` plus NR floats: a partial channel panel
+        // reads (but never stores) past the last row.
+        let mut v = crate::pool::take(16 * TILES * cin + NR);
+        let mut yh = crate::pool::take(16 * cout * TILES);
+        let end = tiles.count.min((part + 1) * per);
+        for t0 in (part * per..end).step_by(TILES) {
+            let n = TILES.min(end - t0);
+            for t in 0..n {
+                let d = tiles.window(xp, cin, &zeros[..cin], t0 + t);
+                // SAFETY: AVX2 checked by the caller; `v` holds 16 * TILES * cin.
+                unsafe { input_tile(&d, &mut v, t * cin, TILES * cin) };
+                let (b, y0, x0) = tiles.origin(t0 + t);
+                let dy: [&[f32]; 4] = std::array::from_fn(|i| {
+                    match tiles.pixel(b, (y0 + i / 2) as isize, (x0 + i % 2) as isize) {
+                        Some(p) => &g[p * cout..(p + 1) * cout],
+                        None => &zeros[..cout],
+                    }
+                });
+                // SAFETY: AVX2 checked by the caller; `yh` holds
+                // 16 * cout * TILES floats.
+                unsafe { grad_tile(&dy, &mut yh, t * cout, TILES * cout) };
+            }
+            // dU_xi (cout, cin) += Yh_xi^T (cout, n) V_xi (n, cin).
+            for xi in 0..16 {
+                for o0 in (0..cout).step_by(MR) {
+                    let rows = MR.min(cout - o0);
+                    let a: [*const f32; MR] = std::array::from_fn(|r| {
+                        yh[xi * TILES * cout + o0 + r.min(rows - 1)..].as_ptr()
                     });
-                    // SAFETY: AVX2 checked by the caller; `yh` holds
-                    // 16 * cout * TILES floats.
-                    unsafe { grad_tile(&dy, &mut yh, t * cout, TILES * cout) };
-                }
-                // dU_xi (cout, cin) += Yh_xi^T (cout, n) V_xi (n, cin).
-                for xi in 0..16 {
-                    for o0 in (0..cout).step_by(MR) {
-                        let rows = MR.min(cout - o0);
-                        let a: [*const f32; MR] = std::array::from_fn(|r| {
-                            yh[xi * TILES * cout + o0 + r.min(rows - 1)..].as_ptr()
-                        });
-                        for c0 in (0..cin).step_by(NR) {
-                            let dst = du[(xi * cout + o0) * cin + c0..].as_mut_ptr();
-                            // SAFETY: AVX2 + FMA checked by the caller; each
-                            // `a` column has n elements (stride cout); `v`'s n rows of `cin`
-                            // floats (stride cin) from c0 are followed by at
-                            // least NR floats; the `rows` destination rows
-                            // of `ncols` floats (stride cin) lie inside `du`.
-                            unsafe {
-                                block::<true>(
-                                    &a,
-                                    cout,
-                                    0,
-                                    1,
-                                    n,
-                                    v[xi * TILES * cin + c0..].as_ptr(),
-                                    cin,
-                                    None,
-                                    dst,
-                                    cin,
-                                    rows,
-                                    NR.min(cin - c0),
-                                );
-                            }
+                    for c0 in (0..cin).step_by(NR) {
+                        let dst = du[(xi * cout + o0) * cin + c0..].as_mut_ptr();
+                        // SAFETY: AVX2 + FMA checked by the caller; each
+                        // `a` column has n elements (stride cout); `v`'s n rows of `cin`
+                        // floats (stride cin) from c0 are followed by at
+                        // least NR floats; the `rows` destination rows
+                        // of `ncols` floats (stride cin) lie inside `du`.
+                        unsafe {
+                            block::<true>(
+                                &a,
+                                cout,
+                                0,
+                                1,
+                                n,
+                                v[xi * TILES * cin + c0..].as_ptr(),
+                                cin,
+                                None,
+                                dst,
+                                cin,
+                                rows,
+                                NR.min(cin - c0),
+                            );
                         }
                     }
                 }
             }
-            crate::pool::give(v);
-            crate::pool::give(yh);
-            du
-        })
-        .collect();
-    let mut parts = partial.into_iter();
-    let mut du = parts.next().expect("at least one part");
-    for p in parts {
-        crate::grad::add_into(&mut du, &p);
-        crate::pool::give(p);
-    }
+        }
+        crate::pool::give(v);
+        crate::pool::give(yh);
+    });
     // dw = G^T dU G per (cout, cin) pair.
     for o in 0..cout {
         for c in 0..cin {
