@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dcdit_backend_cpu::{CpuBackend, CpuTensor};
-use dcdit_core::backend::{uniform_segments, Backend, Grid};
+use dcdit_core::backend::{uniform_segments, Backend, DType, Grid};
 
 const BATCH: usize = 8;
 const SIDE: usize = 32;
@@ -88,6 +88,14 @@ fn linear(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new(name, format!("{rows}x{k}x{m}")), |bn| {
             bn.iter(|| black_box(b.linear(&x, &w, Some(&bias)).unwrap()))
         });
+        // The same with x and w stored as bf16 (the mixed-precision main
+        // network): AMX or AVX512-BF16 where the CPU has them, else f32 math.
+        let xb = b.cast(&x, DType::BF16).unwrap();
+        let wb = b.cast(&w, DType::BF16).unwrap();
+        g.bench_function(
+            BenchmarkId::new(name, format!("bf16/{rows}x{k}x{m}")),
+            |bn| bn.iter(|| black_box(b.linear(&xb, &wb, Some(&bias)).unwrap())),
+        );
     }
     g.finish();
 }

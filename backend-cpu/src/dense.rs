@@ -53,9 +53,16 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
         Some(last) => *last = m,
         None => shape.push(m),
     }
-    // bf16 input and weight: AMX tiles where the CPU has them (f32
-    // accumulation; see `amx`), no conversion of either operand to f32.
+    // bf16 input and weight: AMX tiles or AVX512-BF16 dot products where
+    // the CPU has them (f32 accumulation; see `amx`, `dpbf16`), no
+    // conversion of either operand to f32.
     if let (Storage::BF16(xb), Storage::BF16(wb)) = (x.storage(), w.storage()) {
+        #[cfg(target_arch = "x86_64")]
+        if !crate::amx::available() && crate::dpbf16::available() {
+            let mut out = crate::pool::take(n * m);
+            crate::dpbf16::linear(xb, n, k, wb, m, bias.as_deref(), &mut out);
+            return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
+        }
         if crate::amx::available() {
             let mut out = crate::pool::take(n * m);
             crate::amx::gemm_bf16(n, m, k, xb, wb, &mut out);

@@ -15,9 +15,8 @@
 //! included. For every `k`-step of the reduction it issues 6 broadcasts, 2
 //! weight loads and 12 FMAs: FMA-bound on two FMA ports.
 //!
-//! Used on x86-64 CPUs with AVX2 + FMA but without AVX-512 (where the
-//! `gemm` crate's AVX-512 kernels are used instead); [`available`] says
-//! which. The module exists on x86-64 only.
+//! Used on x86-64 CPUs with AVX2 + FMA (see
+//! [`crate::microkernel::available`]); [`available`] says which. The module exists on x86-64 only.
 
 use rayon::prelude::*;
 
@@ -29,8 +28,7 @@ use dcdit_core::backend::Grid;
 /// reuse each packed weight panel from L2 many times.
 const TASK_PIXELS: usize = MR * 32;
 
-/// Whether convolutions take the direct kernel: AVX2 + FMA without AVX-512,
-/// unless `DCDIT_CONV_GEMM=1` asks for the sliding-window GEMMs (for
+/// Whether convolutions take the direct kernel: AVX2 + FMA, unless `DCDIT_CONV_GEMM=1` asks for the sliding-window GEMMs (for
 /// comparisons).
 pub(crate) fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -12,7 +12,7 @@
 //!   (weights used transposed through strides, no copy); a k x k `conv2d` is
 //!   k sliding-window gemms over a zero-padded copy of the input (in NHWC a
 //!   kernel row's pixels are adjacent, so no im2col buffer). On AVX2 + FMA
-//!   CPUs without AVX-512 convolutions take our own kernels instead:
+//!   CPUs (with or without AVX-512) convolutions take our own kernels instead:
 //!   Winograd F(2x2, 3x3) for 3x3 kernels of 32 or more channels (forward,
 //!   input and weight gradients, 2.25x fewer multiply-adds), a direct
 //!   register-blocked kernel for the rest, and linear layers over 1536 or
@@ -54,6 +54,8 @@ mod dechunk;
 mod dense;
 #[cfg(target_arch = "x86_64")]
 mod direct_conv;
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
 mod elementwise;
 mod grad;
 mod math;

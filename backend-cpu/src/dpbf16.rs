@@ -1,0 +1,299 @@
+//! bf16 linear layers on AVX512-BF16 (`VDPBF16PS`), for CPUs without AMX
+//! (AMD Zen 4 and later, Intel Cooper Lake): `y = x w^T + b` with `x` and
+//! `w` stored as bf16, products and sums in f32.
+//!
+//! Why: one `VDPBF16PS` on a zmm register does 32 bf16 multiply-adds (16
+//! lanes, each the sum of a pair of products) in the time a zmm f32 FMA does
+//! 16, so the main network's GEMMs run at up to twice the f32 rate, and the
+//! operands are half the bytes.
+//!
+//! Layout: `w (m, k)` is packed once per call into panels of [`NR`] output
+//! columns in the pair-interleaved ("VNNI") order the instruction wants: for
+//! each pair `p` of the reduction, the panel holds 32 words `(w[j][2p],
+//! w[j][2p + 1])`, one zmm per 16 columns. `x`'s rows are read in place, a
+//! pair of bf16 broadcast to all lanes as one 32-bit word (an odd `k` gets a
+//! zero-padded copy, so no pair straddles two rows). The register block is
+//! [`MR`] rows by 32 columns in 24 zmm accumulators; blocking and task order
+//! are those of the f32 kernel ([`crate::sgemm`]): tasks of [`MC`] rows by
+//! [`NC`] columns, column-major, the reduction in blocks of [`KC`] whose
+//! panel slice (16 KiB) stays in L1. The first block starts from the bias,
+//! the others accumulate in the f32 output.
+//!
+//! Rounding is the instruction's: bf16 products are exact in f32, each of
+//! the two additions per lane rounds to nearest even, and denormal inputs
+//! and results are flushed to zero (tested against an f64 reference on the
+//! same bf16 values). The module exists on x86-64 only.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::util::SyncPtr;
+
+/// Rows per register block.
+pub(crate) const MR: usize = 14;
+/// Output columns per register block and per packed panel: two zmm.
+pub(crate) const NR: usize = 32;
+/// Reduction block in bf16 elements: a `KC x NR` panel slice is 16 KiB.
+const KC: usize = 256;
+/// Rows per task (a multiple of `MR`).
+const MC: usize = MR * 8;
+/// Output columns per task (a multiple of `NR`).
+const NC: usize = NR * 8;
+
+/// Whether the CPU has AVX512-BF16 (with AVX512F/BW) and
+/// `DCDIT_NO_DPBF16=1` does not turn the kernel off (checked once).
+pub(crate) fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        std::env::var_os("DCDIT_NO_DPBF16").is_none()
+            && std::is_x86_feature_detected!("avx512bf16")
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+    })
+}
+
+/// `w (m, k)` in panels of `NR` columns: word `(panel * kp + p) * NR + c` is
+/// `(w[NR * panel + c][2p], w[NR * panel + c][2p + 1])`, zero past `m` and
+/// past `k`; `kp = ceil(k / 2)`.
+fn pack(w: &[bf16], m: usize, k: usize) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let mut out = vec![0u32; m.div_ceil(NR) * kp * NR];
+    out.par_chunks_mut(kp * NR)
+        .enumerate()
+        .for_each(|(panel, dst)| {
+            for c in 0..NR.min(m - panel * NR) {
+                let row = &w[(panel * NR + c) * k..(panel * NR + c + 1) * k];
+                for (p, pair) in row.chunks(2).enumerate() {
+                    let lo = pair[0].to_bits() as u32;
+                    let hi = pair.get(1).map_or(0, |h| h.to_bits() as u32);
+                    dst[p * NR + c] = lo | hi << 16;
+                }
+            }
+        });
+    out
+}
+
+/// `out (n, m) = x (n, k) w (m, k)^T [+ bias]` on bf16 operands, f32 result,
+/// `out` overwritten.
+///
+/// # Panics
+/// If [`available`] is false or a slice is shorter than its shape says
+/// (callers check shapes first).
+pub(crate) fn linear(
+    x: &[bf16],
+    n: usize,
+    k: usize,
+    w: &[bf16],
+    m: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert!(available(), "dpbf16::linear: no AVX512-BF16 on this CPU");
+    assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
+    assert!(bias.is_none_or(|b| b.len() >= m));
+    if n == 0 || m == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in out[..n * m].chunks_exact_mut(m) {
+            match bias {
+                Some(b) => row.copy_from_slice(&b[..m]),
+                None => row.fill(0.0),
+            }
+        }
+        return;
+    }
+    // An odd reduction: rows padded to an even length with a zero, so every
+    // broadcast pair lies inside one row (the padding meets packed zeros).
+    let padded: Vec<bf16>;
+    let (x, kx) = if k % 2 == 1 {
+        padded = x[..n * k]
+            .chunks_exact(k)
+            .flat_map(|r| r.iter().copied().chain([bf16::ZERO]))
+            .collect();
+        (&padded[..], k + 1)
+    } else {
+        (x, k)
+    };
+    let kp = kx / 2;
+    let pw = pack(w, m, k);
+    let row_tasks = n.div_ceil(MC);
+    let col_tasks = m.div_ceil(NC);
+    let dst = SyncPtr(out.as_mut_ptr());
+    // Words of x: row r's pair p is word r * kp + p.
+    let xw = x.as_ptr() as usize;
+    (0..row_tasks * col_tasks).into_par_iter().for_each_init(
+        Vec::new,
+        |apk: &mut Vec<u32>, task| {
+            let (rt, ct) = (task % row_tasks, task / row_tasks);
+            let (r0, r1) = (rt * MC, ((rt + 1) * MC).min(n));
+            let (c0, c1) = (ct * NC, ((ct + 1) * NC).min(m));
+            let xw = xw as *const u32;
+            for p0 in (0..kp).step_by(KC / 2) {
+                let pc = (KC / 2).min(kp - p0);
+                // The task's rows, pairs p0..p0+pc, as blocks of MR rows with
+                // a block's MR words of one pair adjacent (so the register
+                // block reads them from one pointer); rows past r1 repeat
+                // the last one (computed, never stored).
+                let blocks = (r1 - r0).div_ceil(MR);
+                apk.resize(blocks * pc * MR, 0);
+                for (bi, blk) in apk.chunks_exact_mut(pc * MR).enumerate() {
+                    for r in 0..MR {
+                        let row = (r0 + bi * MR + r).min(r1 - 1);
+                        // SAFETY: row < n and p0 + pc <= kp: inside x (kx
+                        // even, so rows are whole words; read unaligned).
+                        for p in 0..pc {
+                            blk[p * MR + r] = unsafe { xw.add(row * kp + p0 + p).read_unaligned() };
+                        }
+                    }
+                }
+                for j0 in (c0..c1).step_by(NR) {
+                    let ncols = NR.min(c1 - j0);
+                    let mut b32 = [0.0f32; NR];
+                    if let Some(bias) = bias {
+                        b32[..ncols].copy_from_slice(&bias[j0..j0 + ncols]);
+                    }
+                    let init = (p0 == 0).then_some(&b32);
+                    let panel = pw[((j0 / NR) * kp + p0) * NR..].as_ptr();
+                    for (bi, blk) in apk.chunks_exact(pc * MR).enumerate() {
+                        let i0 = r0 + bi * MR;
+                        let rows = MR.min(r1 - i0);
+                        // SAFETY: `available` checked above; the panel slice
+                        // holds pc * NR words, the packed block pc * MR; the
+                        // destination block (rows x ncols at stride m) lies
+                        // inside `out` and belongs to this task alone.
+                        unsafe {
+                            block(
+                                blk.as_ptr(),
+                                pc,
+                                panel,
+                                init,
+                                dst.get().add(i0 * m + j0),
+                                m,
+                                rows,
+                                ncols,
+                            );
+                        }
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// One `MR x NR` block: `dst[r][j] = init[r][j] + sum_p a[p][r] . panel[p][j]`
+/// over `pc` pairs (`a` packed `(pc, MR)` words), for `r < rows`, `j <
+/// ncols`; `init` is `bias` or, with `None`, `dst`'s own value.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    a: *const u32,
+    pc: usize,
+    panel: *const u32,
+    bias: Option<&[f32; NR]>,
+    dst: *mut f32,
+    ld: usize,
+    rows: usize,
+    ncols: usize,
+) {
+    use std::arch::x86_64::*;
+    let lo: __mmask16 = if ncols >= 16 {
+        0xffff
+    } else {
+        (1u32 << ncols) as u16 - 1
+    };
+    let hi: __mmask16 = if ncols >= NR {
+        0xffff
+    } else if ncols > 16 {
+        (1u32 << (ncols - 16)) as u16 - 1
+    } else {
+        0
+    };
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for (r, v) in acc.iter_mut().enumerate().take(rows) {
+        *v = match bias {
+            Some(b) => [
+                _mm512_loadu_ps(b.as_ptr()),
+                _mm512_loadu_ps(b.as_ptr().add(16)),
+            ],
+            None => [
+                _mm512_maskz_loadu_ps(lo, dst.add(r * ld)),
+                _mm512_maskz_loadu_ps(hi, dst.add(r * ld + 16)),
+            ],
+        };
+    }
+    for p in 0..pc {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR).cast()));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR + 16).cast()));
+        let ap = a.add(p * MR);
+        for (r, v) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            v[0] = _mm512_dpbf16_ps(v[0], av, b0);
+            v[1] = _mm512_dpbf16_ps(v[1], av, b1);
+        }
+    }
+    for (r, v) in acc.iter().enumerate().take(rows) {
+        _mm512_mask_storeu_ps(dst.add(r * ld), lo, v[0]);
+        _mm512_mask_storeu_ps(dst.add(r * ld + 16), hi, v[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quickcheck::{QuickCheck, TestResult};
+
+    /// One random case at `(n, k, m)` against an f64 definition on the same
+    /// bf16 values (products exact, so the difference is f32 accumulation),
+    /// within 1e-6 of the summed magnitudes.
+    fn case(seed: u64, (n, k, m): (usize, usize, usize), bias: bool) -> TestResult {
+        let mut rng = dcdit_core::rng::Rng::new(seed);
+        let mut draw = |c: usize| -> Vec<bf16> {
+            (0..c)
+                .map(|_| bf16::from_f32(rng.normal() as f32))
+                .collect()
+        };
+        let (x, w) = (draw(n * k), draw(m * k));
+        let b: Vec<f32> = draw(m).into_iter().map(f32::from).collect();
+        let mut out = vec![f32::NAN; n * m];
+        linear(&x, n, k, &w, m, bias.then_some(&b[..]), &mut out);
+        for i in 0..n {
+            for j in 0..m {
+                let mut want = if bias { b[j] as f64 } else { 0.0 };
+                let mut scale = want.abs();
+                for t in 0..k {
+                    let p = x[i * k + t].to_f64() * w[j * k + t].to_f64();
+                    want += p;
+                    scale += p.abs();
+                }
+                let got = out[i * m + j] as f64;
+                if (got - want).abs() > 1e-6 * (scale + 1.0) {
+                    return TestResult::error(format!(
+                        "n {n} k {k} m {m}: ({i}, {j}) {got} vs {want}"
+                    ));
+                }
+            }
+        }
+        TestResult::passed()
+    }
+
+    #[test]
+    fn matches_the_definition() {
+        if !available() {
+            eprintln!("SKIPPED: no AVX512-BF16 on this CPU");
+            return;
+        }
+        // Rows past MR / MC, columns past 16 / NR / NC, odd reductions and
+        // reductions past KC (several accumulating blocks), and none.
+        fn prop(seed: u64, n: u16, k: u16, m: u16, bias: bool) -> TestResult {
+            let shape = (n as usize % 200 + 1, k as usize % 700, m as usize % 300 + 1);
+            case(seed, shape, bias)
+        }
+        QuickCheck::new()
+            .tests(40)
+            .quickcheck(prop as fn(u64, u16, u16, u16, bool) -> TestResult);
+        for shape in [(1, 1, 1), (13, 513, 33), (96, 768, 256), (97, 257, 257)] {
+            assert!(!case(3, shape, true).is_failure(), "{shape:?}");
+        }
+    }
+}
