@@ -59,9 +59,11 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     if let (Storage::BF16(xb), Storage::BF16(wb)) = (x.storage(), w.storage()) {
         #[cfg(target_arch = "x86_64")]
         if !crate::amx::available() && crate::dpbf16::available() {
-            let mut out = crate::pool::take(n * m);
-            crate::dpbf16::linear(xb, n, k, wb, m, bias.as_deref(), &mut out);
-            return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
+            // Written as bf16 straight from the kernel's f32 tiles.
+            let mut out = crate::pool::take_bf16(n * m);
+            let o = crate::dpbf16::Out::Bf16(&mut out);
+            crate::dpbf16::linear(xb, n, k, wb, m, bias.as_deref(), o);
+            return CpuTensor::new(Storage::BF16(out), &shape);
         }
         if crate::amx::available() {
             let mut out = crate::pool::take(n * m);

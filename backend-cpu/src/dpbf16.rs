@@ -17,7 +17,8 @@
 //! are those of the f32 kernel ([`crate::sgemm`]): tasks of [`MC`] rows by
 //! [`NC`] columns, column-major, the reduction in blocks of [`KC`] whose
 //! panel slice (16 KiB) stays in L1. The first block starts from the bias,
-//! the others accumulate in the f32 output.
+//! the others accumulate in the task's f32 tile, which is written out once
+//! (as f32, or rounded to bf16 for a bf16 activation).
 //!
 //! Rounding is the instruction's: bf16 products are exact in f32, each of
 //! the two additions per lane rounds to nearest even, and denormal inputs
@@ -27,18 +28,18 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::util::SyncPtr;
-
 /// Rows per register block.
-pub(crate) const MR: usize = 14;
+pub(crate) const MR: usize = 6;
 /// Output columns per register block and per packed panel: two zmm.
-pub(crate) const NR: usize = 32;
+pub(crate) const NR: usize = 16 * NV;
+/// zmm vectors per block row.
+const NV: usize = 4;
 /// Reduction block in bf16 elements: a `KC x NR` panel slice is 16 KiB.
-const KC: usize = 256;
+const KC: usize = 128;
 /// Rows per task (a multiple of `MR`).
 const MC: usize = MR * 8;
 /// Output columns per task (a multiple of `NR`).
-const NC: usize = NR * 8;
+const NC: usize = NR * 4;
 
 /// Whether the CPU has AVX512-BF16 (with AVX512F/BW) and
 /// `DCDIT_NO_DPBF16=1` does not turn the kernel off (checked once).
@@ -58,6 +59,9 @@ pub(crate) fn available() -> bool {
 fn pack(w: &[bf16], m: usize, k: usize) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; m.div_ceil(NR) * kp * NR];
+    if kp == 0 {
+        return out;
+    }
     out.par_chunks_mut(kp * NR)
         .enumerate()
         .for_each(|(panel, dst)| {
@@ -73,8 +77,32 @@ fn pack(w: &[bf16], m: usize, k: usize) -> Vec<u32> {
     out
 }
 
-/// `out (n, m) = x (n, k) w (m, k)^T [+ bias]` on bf16 operands, f32 result,
-/// `out` overwritten.
+/// Where [`linear`] writes its `(n, m)` result.
+pub(crate) enum Out<'a> {
+    /// f32, as accumulated (the tests check the accumulation through it,
+    /// before any rounding to bf16).
+    #[cfg_attr(not(test), allow(dead_code))]
+    F32(&'a mut [f32]),
+    /// Rounded to bf16 (nearest even, NaN kept quiet: bitwise the storage
+    /// conversion's), so a bf16 activation needs no f32 pass of its own.
+    Bf16(&'a mut [bf16]),
+}
+
+impl Out<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Out::F32(o) => o.len(),
+            Out::Bf16(o) => o.len(),
+        }
+    }
+}
+
+/// `out (n, m) = x (n, k) w (m, k)^T [+ bias]` on bf16 operands, accumulated
+/// in f32, `out` overwritten.
+///
+/// Each task accumulates its `MC x NC` block in an f32 tile of its own
+/// (contiguous, so it stays in L2 across the reduction blocks) and writes
+/// it out once at the end, converted to bf16 for [`Out::Bf16`].
 ///
 /// # Panics
 /// If [`available`] is false or a slice is shorter than its shape says
@@ -86,21 +114,12 @@ pub(crate) fn linear(
     w: &[bf16],
     m: usize,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: Out<'_>,
 ) {
     assert!(available(), "dpbf16::linear: no AVX512-BF16 on this CPU");
     assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
     assert!(bias.is_none_or(|b| b.len() >= m));
     if n == 0 || m == 0 {
-        return;
-    }
-    if k == 0 {
-        for row in out[..n * m].chunks_exact_mut(m) {
-            match bias {
-                Some(b) => row.copy_from_slice(&b[..m]),
-                None => row.fill(0.0),
-            }
-        }
         return;
     }
     // An odd reduction: rows padded to an even length with a zero, so every
@@ -119,16 +138,33 @@ pub(crate) fn linear(
     let pw = pack(w, m, k);
     let row_tasks = n.div_ceil(MC);
     let col_tasks = m.div_ceil(NC);
-    let dst = SyncPtr(out.as_mut_ptr());
+    // The output as an address, so tasks can share it (each writes its own
+    // rows r0..r1, columns c0..c1).
+    let (dst, is_bf16) = match out {
+        Out::F32(o) => (o.as_mut_ptr() as usize, false),
+        Out::Bf16(o) => (o.as_mut_ptr() as usize, true),
+    };
     // Words of x: row r's pair p is word r * kp + p.
     let xw = x.as_ptr() as usize;
+    type Bufs = (Vec<u32>, Vec<f32>);
     (0..row_tasks * col_tasks).into_par_iter().for_each_init(
-        Vec::new,
-        |apk: &mut Vec<u32>, task| {
+        Bufs::default,
+        |(apk, tile): &mut Bufs, task| {
             let (rt, ct) = (task % row_tasks, task / row_tasks);
             let (r0, r1) = (rt * MC, ((rt + 1) * MC).min(n));
             let (c0, c1) = (ct * NC, ((ct + 1) * NC).min(m));
             let xw = xw as *const u32;
+            // Every element the epilogue reads is written by a block first
+            // (or by the bias fill when k == 0).
+            tile.resize(MC * NC, 0.0);
+            if kp == 0 {
+                for row in tile.chunks_exact_mut(NC).take(r1 - r0) {
+                    match bias {
+                        Some(b) => row[..c1 - c0].copy_from_slice(&b[c0..c1]),
+                        None => row.fill(0.0),
+                    }
+                }
+            }
             for p0 in (0..kp).step_by(KC / 2) {
                 let pc = (KC / 2).min(kp - p0);
                 // The task's rows, pairs p0..p0+pc, as blocks of MR rows with
@@ -156,20 +192,20 @@ pub(crate) fn linear(
                     let init = (p0 == 0).then_some(&b32);
                     let panel = pw[((j0 / NR) * kp + p0) * NR..].as_ptr();
                     for (bi, blk) in apk.chunks_exact(pc * MR).enumerate() {
-                        let i0 = r0 + bi * MR;
-                        let rows = MR.min(r1 - i0);
+                        let i0 = bi * MR;
+                        let rows = MR.min(r1 - r0 - i0);
                         // SAFETY: `available` checked above; the panel slice
                         // holds pc * NR words, the packed block pc * MR; the
-                        // destination block (rows x ncols at stride m) lies
-                        // inside `out` and belongs to this task alone.
+                        // destination block (rows x ncols at stride NC) lies
+                        // inside the task's tile.
                         unsafe {
                             block(
                                 blk.as_ptr(),
                                 pc,
                                 panel,
                                 init,
-                                dst.get().add(i0 * m + j0),
-                                m,
+                                tile.as_mut_ptr().add(i0 * NC + j0 - c0),
+                                NC,
                                 rows,
                                 ncols,
                             );
@@ -177,8 +213,32 @@ pub(crate) fn linear(
                     }
                 }
             }
+            // Epilogue: the tile's rows into the output.
+            for (i, row) in (r0..r1).zip(tile.chunks_exact(NC)) {
+                let src = &row[..c1 - c0];
+                // SAFETY: row i < n, columns c0..c1 <= m: inside the output,
+                // and this task's alone; the CPU has AVX-512 (`available`).
+                unsafe {
+                    if is_bf16 {
+                        let d = (dst as *mut bf16).add(i * m + c0);
+                        store_bf16(src, std::slice::from_raw_parts_mut(d, src.len()));
+                    } else {
+                        let d = (dst as *mut f32).add(i * m + c0);
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), d, src.len());
+                    }
+                }
+            }
         },
     );
+}
+
+/// `dst = bf16(src)` by [`crate::tensor::f32_to_bf16_one`], compiled for
+/// AVX-512 so the loop vectorises at full width.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn store_bf16(src: &[f32], dst: &mut [bf16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = crate::tensor::f32_to_bf16_one(s);
+    }
 }
 
 /// One `MR x NR` block: `dst[r][j] = init[r][j] + sum_p a[p][r] . panel[p][j]`
@@ -197,44 +257,36 @@ unsafe fn block(
     ncols: usize,
 ) {
     use std::arch::x86_64::*;
-    let lo: __mmask16 = if ncols >= 16 {
-        0xffff
-    } else {
-        (1u32 << ncols) as u16 - 1
-    };
-    let hi: __mmask16 = if ncols >= NR {
-        0xffff
-    } else if ncols > 16 {
-        (1u32 << (ncols - 16)) as u16 - 1
-    } else {
-        0
-    };
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    for (r, v) in acc.iter_mut().enumerate().take(rows) {
-        *v = match bias {
-            Some(b) => [
-                _mm512_loadu_ps(b.as_ptr()),
-                _mm512_loadu_ps(b.as_ptr().add(16)),
-            ],
-            None => [
-                _mm512_maskz_loadu_ps(lo, dst.add(r * ld)),
-                _mm512_maskz_loadu_ps(hi, dst.add(r * ld + 16)),
-            ],
-        };
-    }
-    for p in 0..pc {
-        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR).cast()));
-        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR + 16).cast()));
-        let ap = a.add(p * MR);
-        for (r, v) in acc.iter_mut().enumerate() {
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
-            v[0] = _mm512_dpbf16_ps(v[0], av, b0);
-            v[1] = _mm512_dpbf16_ps(v[1], av, b1);
+    // Lanes of each 16-column vector that hold columns < ncols.
+    let mask: [__mmask16; NV] = std::array::from_fn(|v| {
+        let c = ncols.saturating_sub(16 * v).min(16);
+        ((1u32 << c) - 1) as u16
+    });
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    for (r, row) in acc.iter_mut().enumerate().take(rows) {
+        for (v, a) in row.iter_mut().enumerate() {
+            *a = match bias {
+                Some(b) => _mm512_loadu_ps(b.as_ptr().add(16 * v)),
+                None => _mm512_maskz_loadu_ps(mask[v], dst.add(r * ld + 16 * v)),
+            };
         }
     }
-    for (r, v) in acc.iter().enumerate().take(rows) {
-        _mm512_mask_storeu_ps(dst.add(r * ld), lo, v[0]);
-        _mm512_mask_storeu_ps(dst.add(r * ld + 16), hi, v[1]);
+    for p in 0..pc {
+        let b: [__m512bh; NV] = std::array::from_fn(|v| {
+            std::mem::transmute(_mm512_loadu_si512(panel.add(p * NR + 16 * v).cast()))
+        });
+        let ap = a.add(p * MR);
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            for (c, bv) in row.iter_mut().zip(&b) {
+                *c = _mm512_dpbf16_ps(*c, av, *bv);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate().take(rows) {
+        for (v, a) in row.iter().enumerate() {
+            _mm512_mask_storeu_ps(dst.add(r * ld + 16 * v), mask[v], *a);
+        }
     }
 }
 
@@ -256,7 +308,23 @@ mod tests {
         let (x, w) = (draw(n * k), draw(m * k));
         let b: Vec<f32> = draw(m).into_iter().map(f32::from).collect();
         let mut out = vec![f32::NAN; n * m];
-        linear(&x, n, k, &w, m, bias.then_some(&b[..]), &mut out);
+        linear(&x, n, k, &w, m, bias.then_some(&b[..]), Out::F32(&mut out));
+        // The bf16 output is the f32 one rounded by the storage conversion.
+        let mut out16 = vec![bf16::NAN; n * m];
+        linear(
+            &x,
+            n,
+            k,
+            &w,
+            m,
+            bias.then_some(&b[..]),
+            Out::Bf16(&mut out16),
+        );
+        let mut want16 = vec![bf16::ZERO; n * m];
+        crate::tensor::f32_to_bf16(&out, &mut want16);
+        if out16 != want16 {
+            return TestResult::error(format!("n {n} k {k} m {m}: bf16 output differs"));
+        }
         for i in 0..n {
             for j in 0..m {
                 let mut want = if bias { b[j] as f64 } else { 0.0 };

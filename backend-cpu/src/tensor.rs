@@ -28,8 +28,10 @@ pub enum Storage {
 
 impl Drop for Storage {
     fn drop(&mut self) {
-        if let Storage::F32(v) = self {
-            crate::pool::give(std::mem::take(v));
+        match self {
+            Storage::F32(v) => crate::pool::give(std::mem::take(v)),
+            Storage::BF16(v) => crate::pool::give_bf16(std::mem::take(v)),
+            Storage::F16(_) => {}
         }
     }
 }
@@ -85,7 +87,7 @@ impl Storage {
                 Storage::F16(out)
             }
             DType::BF16 => {
-                let mut out = vec![bf16::ZERO; data.len()];
+                let mut out = crate::pool::take_bf16(data.len());
                 f32_to_bf16(&data, &mut out);
                 crate::pool::give(data);
                 Storage::BF16(out)
@@ -124,13 +126,17 @@ fn par_convert<S: Copy + Sync, D: Send>(src: &[S], dst: &mut [D], f: impl Fn(S) 
 /// f32 → bf16, round to nearest even, NaN kept quiet: bitwise what
 /// `bf16::from_f32` does, written branch-free so it vectorises.
 pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
-    par_convert(src, dst, |x: f32| {
-        let u = x.to_bits();
-        let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
-        let nan = ((u >> 16) as u16) | 0x0040;
-        let is_nan = u & 0x7FFF_FFFF > 0x7F80_0000;
-        bf16::from_bits(if is_nan { nan } else { rounded })
-    });
+    par_convert(src, dst, f32_to_bf16_one);
+}
+
+/// One value of [`f32_to_bf16`] (inlined into vectorised loops).
+#[inline(always)]
+pub(crate) fn f32_to_bf16_one(x: f32) -> bf16 {
+    let u = x.to_bits();
+    let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
+    let nan = ((u >> 16) as u16) | 0x0040;
+    let is_nan = u & 0x7FFF_FFFF > 0x7F80_0000;
+    bf16::from_bits(if is_nan { nan } else { rounded })
 }
 
 /// A host tensor: a shape and a shared, immutable buffer. Cloning and
