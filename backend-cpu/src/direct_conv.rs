@@ -15,8 +15,9 @@
 //! included. For every `k`-step of the reduction it issues 6 broadcasts, 2
 //! weight loads and 12 FMAs: FMA-bound on two FMA ports.
 //!
-//! Used on x86-64 CPUs with AVX2 + FMA (see
-//! [`crate::microkernel::available`]); [`available`] says which. The module exists on x86-64 only.
+//! Used on x86-64 CPUs with AVX2 + FMA and no full-width AVX-512 (see
+//! [`crate::microkernel::available`]); [`available`] says which. The module
+//! exists on x86-64 only.
 
 use rayon::prelude::*;
 

@@ -9,11 +9,12 @@
 //!
 //! Layout: `w (m, k)` is packed once per call into panels of [`NR`] output
 //! columns in the pair-interleaved ("VNNI") order the instruction wants: for
-//! each pair `p` of the reduction, the panel holds 32 words `(w[j][2p],
-//! w[j][2p + 1])`, one zmm per 16 columns. `x`'s rows are read in place, a
-//! pair of bf16 broadcast to all lanes as one 32-bit word (an odd `k` gets a
-//! zero-padded copy, so no pair straddles two rows). The register block is
-//! [`MR`] rows by 32 columns in 24 zmm accumulators; blocking and task order
+//! each pair `p` of the reduction, the panel holds `NR` words `(w[j][2p],
+//! w[j][2p + 1])`, one zmm per 16 columns. `x` is packed once per call the
+//! same way in blocks of [`MR`] rows, so the register block finds the `MR`
+//! words it broadcasts for one pair side by side (an odd `k` gets a zero
+//! partner). The register block is [`MR`] rows by [`NR`] columns in 24 zmm
+//! accumulators; blocking and task order
 //! are those of the f32 kernel ([`crate::sgemm`]): tasks of [`MC`] rows by
 //! [`NC`] columns, column-major, the reduction in blocks of [`KC`] whose
 //! panel slice (16 KiB) stays in L1. The first block starts from the bias,
@@ -30,7 +31,7 @@ use rayon::prelude::*;
 
 /// Rows per register block.
 pub(crate) const MR: usize = 6;
-/// Output columns per register block and per packed panel: two zmm.
+/// Output columns per register block and per packed panel: [`NV`] zmm.
 pub(crate) const NR: usize = 16 * NV;
 /// zmm vectors per block row.
 const NV: usize = 4;
@@ -53,24 +54,39 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// `w (m, k)` in panels of `NR` columns: word `(panel * kp + p) * NR + c` is
-/// `(w[NR * panel + c][2p], w[NR * panel + c][2p + 1])`, zero past `m` and
-/// past `k`; `kp = ceil(k / 2)`.
-fn pack(w: &[bf16], m: usize, k: usize) -> Vec<u32> {
+/// `src (rows, k)` pair-interleaved in blocks of `width` rows: word
+/// `(b * kp + p) * width + r` holds `(src[i][2p], src[i][2p + 1])` of row
+/// `i = b * width + r`, `kp = ceil(k / 2)`, a zero past `k`. Rows past the
+/// end are zero, or with `repeat_last` copies of the last row (computed by
+/// the register block, never stored). The words live in a pooled f32 buffer
+/// (a fresh one per call cost page faults), viewed as `u32`.
+fn pack_pairs(src: &[bf16], rows: usize, k: usize, width: usize, repeat_last: bool) -> Vec<f32> {
     let kp = k.div_ceil(2);
-    let mut out = vec![0u32; m.div_ceil(NR) * kp * NR];
-    if kp == 0 {
+    let mut out = crate::pool::take(rows.div_ceil(width) * kp * width);
+    if kp == 0 || rows == 0 {
         return out;
     }
-    out.par_chunks_mut(kp * NR)
+    let words: &mut [u32] = bytemuck::cast_slice_mut(&mut out);
+    words
+        .par_chunks_mut(kp * width)
         .enumerate()
-        .for_each(|(panel, dst)| {
-            for c in 0..NR.min(m - panel * NR) {
-                let row = &w[(panel * NR + c) * k..(panel * NR + c + 1) * k];
-                for (p, pair) in row.chunks(2).enumerate() {
+        .for_each(|(b, dst)| {
+            for r in 0..width {
+                let i = b * width + r;
+                let i = match (i < rows, repeat_last) {
+                    (true, _) => i,
+                    (false, true) => rows - 1,
+                    (false, false) => {
+                        for p in 0..kp {
+                            dst[p * width + r] = 0;
+                        }
+                        continue;
+                    }
+                };
+                for (p, pair) in src[i * k..(i + 1) * k].chunks(2).enumerate() {
                     let lo = pair[0].to_bits() as u32;
                     let hi = pair.get(1).map_or(0, |h| h.to_bits() as u32);
-                    dst[p * NR + c] = lo | hi << 16;
+                    dst[p * width + r] = lo | hi << 16;
                 }
             }
         });
@@ -122,20 +138,12 @@ pub(crate) fn linear(
     if n == 0 || m == 0 {
         return;
     }
-    // An odd reduction: rows padded to an even length with a zero, so every
-    // broadcast pair lies inside one row (the padding meets packed zeros).
-    let padded: Vec<bf16>;
-    let (x, kx) = if k % 2 == 1 {
-        padded = x[..n * k]
-            .chunks_exact(k)
-            .flat_map(|r| r.iter().copied().chain([bf16::ZERO]))
-            .collect();
-        (&padded[..], k + 1)
-    } else {
-        (x, k)
-    };
-    let kp = kx / 2;
-    let pw = pack(w, m, k);
+    // w in panels of NR columns, x in blocks of MR rows, both pair-
+    // interleaved once per call (an odd k gets a zero partner).
+    let kp = k.div_ceil(2);
+    let pw_buf = pack_pairs(w, m, k, NR, false);
+    let px_buf = pack_pairs(x, n, k, MR, true);
+    let (pw, px): (&[u32], &[u32]) = (bytemuck::cast_slice(&pw_buf), bytemuck::cast_slice(&px_buf));
     let row_tasks = n.div_ceil(MC);
     let col_tasks = m.div_ceil(NC);
     // The output as an address, so tasks can share it (each writes its own
@@ -144,16 +152,12 @@ pub(crate) fn linear(
         Out::F32(o) => (o.as_mut_ptr() as usize, false),
         Out::Bf16(o) => (o.as_mut_ptr() as usize, true),
     };
-    // Words of x: row r's pair p is word r * kp + p.
-    let xw = x.as_ptr() as usize;
-    type Bufs = (Vec<u32>, Vec<f32>);
     (0..row_tasks * col_tasks).into_par_iter().for_each_init(
-        Bufs::default,
-        |(apk, tile): &mut Bufs, task| {
+        Vec::new,
+        |tile: &mut Vec<f32>, task| {
             let (rt, ct) = (task % row_tasks, task / row_tasks);
             let (r0, r1) = (rt * MC, ((rt + 1) * MC).min(n));
             let (c0, c1) = (ct * NC, ((ct + 1) * NC).min(m));
-            let xw = xw as *const u32;
             // Every element the epilogue reads is written by a block first
             // (or by the bias fill when k == 0).
             tile.resize(MC * NC, 0.0);
@@ -167,22 +171,6 @@ pub(crate) fn linear(
             }
             for p0 in (0..kp).step_by(KC / 2) {
                 let pc = (KC / 2).min(kp - p0);
-                // The task's rows, pairs p0..p0+pc, as blocks of MR rows with
-                // a block's MR words of one pair adjacent (so the register
-                // block reads them from one pointer); rows past r1 repeat
-                // the last one (computed, never stored).
-                let blocks = (r1 - r0).div_ceil(MR);
-                apk.resize(blocks * pc * MR, 0);
-                for (bi, blk) in apk.chunks_exact_mut(pc * MR).enumerate() {
-                    for r in 0..MR {
-                        let row = (r0 + bi * MR + r).min(r1 - 1);
-                        // SAFETY: row < n and p0 + pc <= kp: inside x (kx
-                        // even, so rows are whole words; read unaligned).
-                        for p in 0..pc {
-                            blk[p * MR + r] = unsafe { xw.add(row * kp + p0 + p).read_unaligned() };
-                        }
-                    }
-                }
                 for j0 in (c0..c1).step_by(NR) {
                     let ncols = NR.min(c1 - j0);
                     let mut b32 = [0.0f32; NR];
@@ -191,11 +179,12 @@ pub(crate) fn linear(
                     }
                     let init = (p0 == 0).then_some(&b32);
                     let panel = pw[((j0 / NR) * kp + p0) * NR..].as_ptr();
-                    for (bi, blk) in apk.chunks_exact(pc * MR).enumerate() {
-                        let i0 = bi * MR;
+                    for i0 in (0..r1 - r0).step_by(MR) {
                         let rows = MR.min(r1 - r0 - i0);
+                        // The block of rows r0 + i0.. (r0 is a multiple of MR).
+                        let blk = &px[(((r0 + i0) / MR) * kp + p0) * MR..];
                         // SAFETY: `available` checked above; the panel slice
-                        // holds pc * NR words, the packed block pc * MR; the
+                        // holds pc * NR words, the row block pc * MR; the
                         // destination block (rows x ncols at stride NC) lies
                         // inside the task's tile.
                         unsafe {
@@ -230,6 +219,8 @@ pub(crate) fn linear(
             }
         },
     );
+    crate::pool::give(pw_buf);
+    crate::pool::give(px_buf);
 }
 
 /// `dst = bf16(src)` by [`crate::tensor::f32_to_bf16_one`], compiled for

@@ -12,7 +12,8 @@
 //!   (weights used transposed through strides, no copy); a k x k `conv2d` is
 //!   k sliding-window gemms over a zero-padded copy of the input (in NHWC a
 //!   kernel row's pixels are adjacent, so no im2col buffer). On AVX2 + FMA
-//!   CPUs (with or without AVX-512) convolutions take our own kernels instead:
+//!   CPUs without full-width AVX-512 (see `microkernel::available`: AVX2-only
+//!   CPUs and AMD Zen 4) convolutions take our own kernels instead:
 //!   Winograd F(2x2, 3x3) for 3x3 kernels of 32 or more channels (forward,
 //!   input and weight gradients, 2.25x fewer multiply-adds), a direct
 //!   register-blocked kernel for the rest, and linear layers over 1536 or

@@ -12,20 +12,47 @@ pub(crate) const MR: usize = 6;
 /// Columns (e.g. output channels) per register block: two 8-lane vectors.
 pub(crate) const NR: usize = 16;
 
-/// Whether the kernels built on [`block`] are used: AVX2 + FMA, with or
-/// without AVX-512. On a 2-core Zen 4 (AVX-512 executed as two 256-bit
-/// halves, so ymm FMAs reach the same peak) they made the DC-DiT-B forward
-/// at 25% kept 6-11% faster than the `gemm` crate's AVX-512 kernels with the
-/// sliding-window convolutions (2479/2561 ms against 2785/2731 ms, encoder +
-/// decoder 315-345 ms against 525-535 ms, the linear layers level). Cores
-/// with two full-width 512-bit FMA units (Intel server parts) were not
-/// measured: there the `gemm` crate may win for the linear layers
-/// (`DCDIT_LINEAR_GEMM=1`, `DCDIT_CONV_GEMM=1` select it).
+/// Whether the kernels built on [`block`] are used: AVX2 + FMA CPUs without
+/// AVX-512, and AVX-512 CPUs that execute 512-bit operations as two 256-bit
+/// halves (AMD Zen 4, family 25), where ymm FMAs reach the same peak.
+/// `DCDIT_AVX2_KERNELS=1` or `=0` forces the choice (for comparisons).
+///
+/// On a 2-core Zen 4 they made the DC-DiT-B forward at 25% kept 6-11%
+/// faster than the `gemm` crate's AVX-512 kernels with the sliding-window
+/// convolutions (2479/2561 ms against 2785/2731 ms, encoder + decoder
+/// 315-345 ms against 525-535 ms, the linear layers level). On cores with
+/// full-width 512-bit FMA units (Intel server parts, Zen 5) the `gemm`
+/// crate's AVX-512 kernels keep serving: those were not measured against
+/// these, and at half the vector width these could lose up to 2x there.
 pub(crate) fn available() -> bool {
-    matches!(
-        crate::util::simd_level(),
-        crate::util::Level::V3 | crate::util::Level::V4
-    )
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let forced = std::env::var("DCDIT_AVX2_KERNELS").ok();
+        match crate::util::simd_level() {
+            crate::util::Level::V3 => forced.as_deref() != Some("0"),
+            crate::util::Level::V4 => match forced.as_deref() {
+                Some("1") => true,
+                Some("0") => false,
+                _ => half_width_avx512(),
+            },
+            _ => false,
+        }
+    })
+}
+
+/// Whether this is an AMD family-25 CPU (Zen 3 has no AVX-512, so with it:
+/// Zen 4, whose AVX-512 units are 256 bits wide).
+fn half_width_avx512() -> bool {
+    use std::arch::x86_64::__cpuid;
+    let (l0, l1) = (__cpuid(0), __cpuid(1));
+    let amd = (l0.ebx, l0.edx, l0.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+    let base = (l1.eax >> 8) & 0xf;
+    let family = if base == 0xf {
+        base + ((l1.eax >> 20) & 0xff)
+    } else {
+        base
+    };
+    amd && family == 25
 }
 
 /// One `MR x NR` output block: `dst[r][j] = init[r][j] + sum_{ky, t}

@@ -1,4 +1,5 @@
-//! `y = x w^T + b` for AVX2 + FMA CPUs: at many rows the
+//! `y = x w^T + b` where the AVX2 register block serves
+//! ([`crate::microkernel::available`]): at many rows the
 //! linear layers' GEMM on the shared [`block`] register block, cache-blocked
 //! the BLIS way ([`linear`]); at a few rows a kernel that streams the weights
 //! once ([`linear_few_rows`]).
@@ -40,7 +41,7 @@ const NC: usize = NR * 8;
 /// and below, 5-20% faster at 2048 and above).
 pub(crate) const MIN_ROWS: usize = 1536;
 
-/// Whether this module's kernels serve: AVX2 + FMA, unless
+/// Whether this module's kernels serve: where the register block does, unless
 /// `DCDIT_LINEAR_GEMM=1` asks for the `gemm` crate (for comparisons).
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -24,7 +24,7 @@
 //! transforms `M (16, tiles, cout)` back into output pixels, bias added.
 //!
 //! Used for 3x3 kernels with at least [`MIN_CHANNELS`] input and output
-//! channels wherever the direct kernel is (AVX2 + FMA, see
+//! channels wherever the direct kernel is (see
 //! [`crate::microkernel::available`]);
 //! `DCDIT_CONV_DIRECT=1` selects the direct kernel instead (for
 //! comparisons). The module exists on x86-64 only.
@@ -49,9 +49,8 @@ const TILES: usize = MR * 8;
 const MIN_CHANNELS: usize = 32;
 
 /// Whether [`conv`] and [`weight_grad`] handle this convolution: where the
-/// direct kernel is used ([`crate::direct_conv::available`]: AVX2 + FMA
-/// with or without AVX-512), 3x3, enough channels, and not
-/// `DCDIT_CONV_DIRECT=1`.
+/// direct kernel is used ([`crate::direct_conv::available`]), 3x3, enough
+/// channels, and not `DCDIT_CONV_DIRECT=1`.
 pub(crate) fn applies(k: usize, cin: usize, cout: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     k == 3
