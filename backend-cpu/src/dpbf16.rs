@@ -316,24 +316,15 @@ mod tests {
         if out16 != want16 {
             return TestResult::error(format!("n {n} k {k} m {m}: bf16 output differs"));
         }
-        for i in 0..n {
-            for j in 0..m {
-                let mut want = if bias { b[j] as f64 } else { 0.0 };
-                let mut scale = want.abs();
-                for t in 0..k {
-                    let p = x[i * k + t].to_f64() * w[j * k + t].to_f64();
-                    want += p;
-                    scale += p.abs();
-                }
-                let got = out[i * m + j] as f64;
-                if (got - want).abs() > 1e-6 * (scale + 1.0) {
-                    return TestResult::error(format!(
-                        "n {n} k {k} m {m}: ({i}, {j}) {got} vs {want}"
-                    ));
-                }
-            }
-        }
-        TestResult::passed()
+        let f64s = |v: &[bf16]| v.iter().map(|a| a.to_f64()).collect::<Vec<_>>();
+        let b: Vec<f64> = b.iter().map(|&a| a as f64).collect();
+        crate::util::check_linear(
+            &f64s(&x),
+            &f64s(&w),
+            bias.then_some(&b[..]),
+            (n, k, m),
+            &out,
+        )
     }
 
     #[test]

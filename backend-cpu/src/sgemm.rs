@@ -255,24 +255,15 @@ mod tests {
         let (x, w, b) = (draw(n * k), draw(m * k), draw(m));
         let mut out = vec![f32::NAN; n * m];
         kernel(&x, n, k, &w, m, bias.then_some(&b[..]), &mut out);
-        for i in 0..n {
-            for j in 0..m {
-                let mut want = if bias { b[j] as f64 } else { 0.0 };
-                let mut scale = want.abs();
-                for t in 0..k {
-                    let p = x[i * k + t] as f64 * w[j * k + t] as f64;
-                    want += p;
-                    scale += p.abs();
-                }
-                let got = out[i * m + j] as f64;
-                if (got - want).abs() > 1e-6 * (scale + 1.0) {
-                    return TestResult::error(format!(
-                        "n {n} k {k} m {m}: ({i}, {j}) {got} vs {want}"
-                    ));
-                }
-            }
-        }
-        TestResult::passed()
+        let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        let b = f64s(&b);
+        crate::util::check_linear(
+            &f64s(&x),
+            &f64s(&w),
+            bias.then_some(&b[..]),
+            (n, k, m),
+            &out,
+        )
     }
 
     #[test]

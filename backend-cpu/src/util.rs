@@ -455,6 +455,37 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Checks a linear kernel's `out (n, m)` against `x (n, k) w (m, k)^T [+
+/// bias]` summed in f64 from the given operand values: errors within 1e-6
+/// of the summed magnitudes (plus 1). For the kernels' unit tests.
+#[cfg(test)]
+pub(crate) fn check_linear(
+    x: &[f64],
+    w: &[f64],
+    bias: Option<&[f64]>,
+    (n, k, m): (usize, usize, usize),
+    out: &[f32],
+) -> quickcheck::TestResult {
+    for i in 0..n {
+        for j in 0..m {
+            let mut want = bias.map_or(0.0, |b| b[j]);
+            let mut scale = want.abs();
+            for t in 0..k {
+                let p = x[i * k + t] * w[j * k + t];
+                want += p;
+                scale += p.abs();
+            }
+            let got = out[i * m + j] as f64;
+            if (got - want).abs() > 1e-6 * (scale + 1.0) {
+                return quickcheck::TestResult::error(format!(
+                    "n {n} k {k} m {m}: ({i}, {j}) {got} vs {want}"
+                ));
+            }
+        }
+    }
+    quickcheck::TestResult::passed()
+}
+
 /// Deterministic test data in `[-1, 1)` (a 64-bit LCG), for unit tests.
 #[cfg(test)]
 pub(crate) fn test_data(n: usize, seed: u64) -> Vec<f32> {
