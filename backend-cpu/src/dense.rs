@@ -57,14 +57,6 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     // the CPU has them (f32 accumulation; see `amx`, `dpbf16`), no
     // conversion of either operand to f32.
     if let (Storage::BF16(xb), Storage::BF16(wb)) = (x.storage(), w.storage()) {
-        #[cfg(target_arch = "x86_64")]
-        if !crate::amx::available() && crate::dpbf16::available() {
-            // Written as bf16 straight from the kernel's f32 tiles.
-            let mut out = crate::pool::take_bf16(n * m);
-            let o = crate::dpbf16::Out::Bf16(&mut out);
-            crate::dpbf16::linear(xb, n, k, wb, m, bias.as_deref(), o);
-            return CpuTensor::new(Storage::BF16(out), &shape);
-        }
         if crate::amx::available() {
             let mut out = crate::pool::take(n * m);
             crate::amx::gemm_bf16(n, m, k, xb, wb, &mut out);
@@ -76,6 +68,14 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
                 }
             }
             return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::dpbf16::available() {
+            // Written as bf16 straight from the kernel's f32 tiles.
+            let mut out = crate::pool::take_bf16(n * m);
+            let o = crate::dpbf16::Out::Bf16(&mut out);
+            crate::dpbf16::linear(xb, n, k, wb, m, bias.as_deref(), o);
+            return CpuTensor::new(Storage::BF16(out), &shape);
         }
     }
     let xs = x.to_f32_cow();

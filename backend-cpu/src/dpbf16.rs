@@ -173,11 +173,16 @@ pub(crate) fn linear(
                 let pc = (KC / 2).min(kp - p0);
                 for j0 in (c0..c1).step_by(NR) {
                     let ncols = NR.min(c1 - j0);
-                    let mut b32 = [0.0f32; NR];
-                    if let Some(bias) = bias {
-                        b32[..ncols].copy_from_slice(&bias[j0..j0 + ncols]);
-                    }
-                    let init = (p0 == 0).then_some(&b32);
+                    // The first reduction block starts from the bias (zero
+                    // without one), the others from the tile.
+                    let b32 = (p0 == 0).then(|| {
+                        let mut b32 = [0.0f32; NR];
+                        if let Some(bias) = bias {
+                            b32[..ncols].copy_from_slice(&bias[j0..j0 + ncols]);
+                        }
+                        b32
+                    });
+                    let init = b32.as_ref();
                     let panel = pw[((j0 / NR) * kp + p0) * NR..].as_ptr();
                     for i0 in (0..r1 - r0).step_by(MR) {
                         let rows = MR.min(r1 - r0 - i0);

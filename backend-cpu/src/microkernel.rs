@@ -27,15 +27,12 @@ pub(crate) const NR: usize = 16;
 pub(crate) fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        let forced = std::env::var("DCDIT_AVX2_KERNELS").ok();
-        match crate::util::simd_level() {
-            crate::util::Level::V3 => forced.as_deref() != Some("0"),
-            crate::util::Level::V4 => match forced.as_deref() {
-                Some("1") => true,
-                Some("0") => false,
-                _ => half_width_avx512(),
-            },
-            _ => false,
+        use crate::util::Level;
+        let level = crate::util::simd_level();
+        match std::env::var("DCDIT_AVX2_KERNELS").as_deref() {
+            Ok("0") => false,
+            Ok("1") => matches!(level, Level::V3 | Level::V4),
+            _ => level == Level::V3 || (level == Level::V4 && half_width_avx512()),
         }
     })
 }
