@@ -37,6 +37,42 @@ fn prefill_bias(out: &mut [f32], m: usize, bias: Option<&[f32]>) {
 }
 
 /// `y = x w^T + b`; `x (.., k)`, `w (m, k)`.
+/// `w (m, k)` packed by `pack`, from the tensor's cache
+/// ([`crate::tensor::Derived`]) or made now and cached. A cache made for
+/// another `(m, k)` (a view of the same data) is left alone and the packing
+/// made for this call only.
+#[cfg(target_arch = "x86_64")]
+fn packed_weight<'a>(
+    w: &'a CpuTensor,
+    m: usize,
+    k: usize,
+    pack: impl FnOnce() -> Vec<f32>,
+) -> std::borrow::Cow<'a, [f32]> {
+    let mut pack = Some(pack);
+    let (pm, pk, pw) = w
+        .derived
+        .linear_weight
+        .get_or_init(|| (m, k, pack.take().map_or_else(Vec::new, |f| f())));
+    if (*pm, *pk) == (m, k) {
+        std::borrow::Cow::Borrowed(pw)
+    } else {
+        // `pack` is unused here: the cache was made by an earlier call.
+        std::borrow::Cow::Owned(pack.map_or_else(Vec::new, |f| f()))
+    }
+}
+
+/// Whether an f32 linear layer over `n` rows takes the AVX-512 register
+/// block ([`crate::linear512::linear_f32`]); `DCDIT_LINEAR512=0` turns it off
+/// (for comparisons).
+#[cfg(target_arch = "x86_64")]
+fn linear512_applies(n: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        crate::linear512::f32_available() && std::env::var("DCDIT_LINEAR512").as_deref() != Ok("0")
+    });
+    on && n > crate::sgemm::FEW_ROWS
+}
+
 pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Result<CpuTensor> {
     let (n, k) = x.dims2();
     if w.shape().len() != 2 || w.shape()[1] != k {
@@ -54,7 +90,7 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
         None => shape.push(m),
     }
     // bf16 input and weight: AMX tiles or AVX512-BF16 dot products where
-    // the CPU has them (f32 accumulation; see `amx`, `dpbf16`), no
+    // the CPU has them (f32 accumulation; see `amx`, `linear512`), no
     // conversion of either operand to f32.
     if let (Storage::BF16(xb), Storage::BF16(wb)) = (x.storage(), w.storage()) {
         if crate::amx::available() {
@@ -70,11 +106,12 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
             return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
         }
         #[cfg(target_arch = "x86_64")]
-        if crate::dpbf16::available() {
+        if crate::linear512::bf16_available() {
+            let pw = packed_weight(w, m, k, || crate::linear512::pack_weight_bf16(wb, m, k));
             // Written as bf16 straight from the kernel's f32 tiles.
             let mut out = crate::pool::take_bf16(n * m);
-            let o = crate::dpbf16::Out::Bf16(&mut out);
-            crate::dpbf16::linear(xb, n, k, wb, m, bias.as_deref(), o);
+            let o = crate::linear512::Out::Bf16(&mut out);
+            crate::linear512::linear_bf16(xb, n, k, &pw, m, bias.as_deref(), o);
             return CpuTensor::new(Storage::BF16(out), &shape);
         }
     }
@@ -84,6 +121,13 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     #[cfg(target_arch = "x86_64")]
     if crate::sgemm::few_rows_apply(n) {
         crate::sgemm::linear_few_rows(&xs, n, k, &ws, m, bias.as_deref(), &mut out);
+        return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if linear512_applies(n) {
+        let pw = packed_weight(w, m, k, || crate::linear512::pack_weight_f32(&ws, m, k));
+        let o = crate::linear512::Out::F32(&mut out);
+        crate::linear512::linear_f32(&xs, n, k, &pw, m, bias.as_deref(), o);
         return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
     }
     #[cfg(target_arch = "x86_64")]
@@ -267,10 +311,12 @@ pub(crate) fn conv2d(
         let x2 = CpuTensor {
             shape: [grid.rows(), cin].into_iter().collect(),
             data: x.data.clone(),
+            derived: x.derived.clone(),
         };
         let w2 = CpuTensor {
             shape: [cout, cin].into_iter().collect(),
             data: w.data.clone(),
+            derived: w.derived.clone(),
         };
         return linear(&x2, &w2, b);
     }
@@ -442,4 +488,45 @@ pub(crate) fn depthwise_f32(xs: &[f32], grid: Grid, c: usize, taps: &[f32], out:
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dcdit_core::Backend;
+
+    /// The packed-weight cache: a second call (from the cache) gives the
+    /// first call's output bitwise, and a view of the same data as another
+    /// `(m, k)` (which finds a cache made for the first shape) is still the
+    /// definition's product, in either order of first use.
+    #[test]
+    fn cached_weight_packing_matches_the_definition() {
+        let be = crate::CpuBackend::new();
+        let (n, k, m) = (40, 12, 18);
+        let wd = crate::util::test_data(m * k, 7);
+        let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        for view_first in [false, true] {
+            let w = CpuTensor::from_f32_vec(wd.clone(), &[m, k]).unwrap();
+            let view = be.reshape(&w, &[m * k / 8, 8]).unwrap();
+            let x = CpuTensor::from_f32_vec(crate::util::test_data(n * k, 1), &[n, k]).unwrap();
+            let xv = CpuTensor::from_f32_vec(crate::util::test_data(n * 8, 2), &[n, 8]).unwrap();
+            let run_view = || linear(&xv, &view, None).unwrap().to_f32_cow().into_owned();
+            let first_view = view_first.then(run_view);
+            let a = linear(&x, &w, None).unwrap().to_f32_cow().into_owned();
+            let b = linear(&x, &w, None).unwrap().to_f32_cow().into_owned();
+            assert_eq!(a, b);
+            let r =
+                crate::util::check_linear(&f64s(&x.to_f32_cow()), &f64s(&wd), None, (n, k, m), &a);
+            assert!(!r.is_failure(), "{r:?}");
+            let v = first_view.unwrap_or_else(run_view);
+            let r = crate::util::check_linear(
+                &f64s(&xv.to_f32_cow()),
+                &f64s(&wd),
+                None,
+                (n, 8, m * k / 8),
+                &v,
+            );
+            assert!(!r.is_failure(), "{r:?}");
+        }
+    }
 }

@@ -55,10 +55,10 @@ mod dechunk;
 mod dense;
 #[cfg(target_arch = "x86_64")]
 mod direct_conv;
-#[cfg(target_arch = "x86_64")]
-mod dpbf16;
 mod elementwise;
 mod grad;
+#[cfg(target_arch = "x86_64")]
+mod linear512;
 mod math;
 #[cfg(target_arch = "x86_64")]
 mod microkernel;
@@ -296,6 +296,8 @@ impl Backend for CpuBackend {
         Ok(CpuTensor {
             shape: Shape::from_slice(shape),
             data: t.data.clone(),
+            // Keyed by the (m, k) they were made for: valid for any view.
+            derived: t.derived.clone(),
         })
     }
 

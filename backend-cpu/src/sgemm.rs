@@ -1,5 +1,6 @@
 //! `y = x w^T + b` where the AVX2 register block serves
-//! ([`crate::microkernel::available`]): at many rows the
+//! ([`crate::microkernel::available`]) and, for many rows, AVX-512 does not
+//! (there [`crate::linear512`] serves, with weights packed once per tensor): at many rows the
 //! linear layers' GEMM on the shared [`block`] register block, cache-blocked
 //! the BLIS way ([`linear`]); at a few rows a kernel that streams the weights
 //! once ([`linear_few_rows`]).
