@@ -1105,3 +1105,67 @@ fn reduced_precision_ops_follow_f32() {
         assert_eq!(b.dtype(&g), dtype);
     }
 }
+
+/// `unary` on bf16 storage (converted block by block in L1) gives bitwise
+/// the f32 op on the same values rounded to bf16 by `half` (nearest even),
+/// serial and parallel sizes, NaN, infinities and signed zeros included.
+#[test]
+fn unary_bf16_is_the_f32_op_rounded() {
+    let b = be();
+    let mut rng = Rng(11);
+    for n in [1usize, 7, 1023, 1025, (1 << 15) + 3, 3 * (1 << 15) + 1000] {
+        let mut x: Vec<f32> = rng.vec(n).iter().map(|v| v * 12.0).collect();
+        for (i, s) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, 1e-40]
+            .into_iter()
+            .enumerate()
+        {
+            if i < n {
+                x[(i * 7919) % n] = s;
+            }
+        }
+        let xb = b.cast(&t(&x, &[n]), DType::BF16).unwrap();
+        let xr = host(&xb);
+        for op in [Unary::Silu, Unary::GeluTanh, Unary::Sigmoid] {
+            let got = b.unary(&xb, op).unwrap();
+            assert_eq!(b.dtype(&got), DType::BF16);
+            let want = host(&b.unary(&t(&xr, &[n]), op).unwrap());
+            for (i, (g, w)) in host(&got).iter().zip(&want).enumerate() {
+                let w = half::bf16::from_f32(*w).to_f32();
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{op:?} n {n} at {i} (x {}): {g} vs {w}",
+                    xr[i]
+                );
+            }
+        }
+    }
+}
+
+/// bf16 `qkv`: against the f64 attention of the same bf16 values, within
+/// the bf16 output's rounding (2^-8 of the output's scale, with margin, so
+/// that a kernel rounding the probabilities to bf16 would pass too),
+/// segments of 1 to 300 tokens and one over several key blocks.
+#[test]
+fn attention_bf16_matches_reference() {
+    let mut rng = Rng(9);
+    for (heads, hd, seg) in [
+        (3usize, 16usize, vec![0usize, 0, 300, 317, 318]),
+        (12, 64, vec![0, 64, 320]),
+        (2, 8, vec![0, 1100]),
+    ] {
+        let d = heads * hd;
+        let tt = *seg.last().unwrap();
+        let qkv: Vec<f32> = rng.vec(tt * 3 * d).iter().map(|v| 2.0 * v).collect();
+        let qb = be().cast(&t(&qkv, &[tt, 3 * d]), DType::BF16).unwrap();
+        let y = be().attention(&qb, heads, &seg).unwrap();
+        assert_eq!(be().dtype(&y), DType::BF16);
+        let want = ref_attention(&host(&qb), &seg, heads, d);
+        let scale = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        for (i, (g, w)) in host(&y).iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= 8e-3 * scale,
+                "hd {hd} at {i}: {g} vs {w} (scale {scale})"
+            );
+        }
+    }
+}
