@@ -36,24 +36,25 @@ fn prefill_bias(out: &mut [f32], m: usize, bias: Option<&[f32]>) {
     }
 }
 
-/// `y = x w^T + b`; `x (.., k)`, `w (m, k)`.
-/// `w (m, k)` packed by `pack`, from the tensor's cache
-/// ([`crate::tensor::Derived`]) or made now and cached. A cache made for
-/// another `(m, k)` (a view of the same data) is left alone and the packing
-/// made for this call only.
+/// `w (m, k)` packed by `pack` for the bf16 (`bf16`) or the f32 register
+/// block, from the tensor's cache ([`crate::tensor::Derived`]) or made now
+/// and cached. A cache made for another `(m, k)` (a view of the same data)
+/// or the other block (a bf16 weight met by an f32 input before) is left
+/// alone and the packing made for this call only.
 #[cfg(target_arch = "x86_64")]
 fn packed_weight<'a>(
     w: &'a CpuTensor,
     m: usize,
     k: usize,
+    bf16: bool,
     pack: impl FnOnce() -> Vec<f32>,
 ) -> std::borrow::Cow<'a, [f32]> {
     let mut pack = Some(pack);
-    let (pm, pk, pw) = w
+    let (key, pw) = w
         .derived
         .linear_weight
-        .get_or_init(|| (m, k, pack.take().map_or_else(Vec::new, |f| f())));
-    if (*pm, *pk) == (m, k) {
+        .get_or_init(|| ((m, k, bf16), pack.take().map_or_else(Vec::new, |f| f())));
+    if *key == (m, k, bf16) {
         std::borrow::Cow::Borrowed(pw)
     } else {
         // `pack` is unused here: the cache was made by an earlier call.
@@ -73,6 +74,7 @@ fn linear512_applies(n: usize) -> bool {
     on && n > crate::sgemm::FEW_ROWS
 }
 
+/// `y = x w^T + b`; `x (.., k)`, `w (m, k)`.
 pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Result<CpuTensor> {
     let (n, k) = x.dims2();
     if w.shape().len() != 2 || w.shape()[1] != k {
@@ -107,7 +109,9 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
         }
         #[cfg(target_arch = "x86_64")]
         if crate::linear512::bf16_available() {
-            let pw = packed_weight(w, m, k, || crate::linear512::pack_weight_bf16(wb, m, k));
+            let pw = packed_weight(w, m, k, true, || {
+                crate::linear512::pack_weight_bf16(wb, m, k)
+            });
             // Written as bf16 straight from the kernel's f32 tiles.
             let mut out = crate::pool::take_bf16(n * m);
             let o = crate::linear512::Out::Bf16(&mut out);
@@ -125,7 +129,9 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     }
     #[cfg(target_arch = "x86_64")]
     if linear512_applies(n) {
-        let pw = packed_weight(w, m, k, || crate::linear512::pack_weight_f32(&ws, m, k));
+        let pw = packed_weight(w, m, k, false, || {
+            crate::linear512::pack_weight_f32(&ws, m, k)
+        });
         let o = crate::linear512::Out::F32(&mut out);
         crate::linear512::linear_f32(&xs, n, k, &pw, m, bias.as_deref(), o);
         return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
@@ -527,6 +533,30 @@ mod tests {
                 &v,
             );
             assert!(!r.is_failure(), "{r:?}");
+        }
+    }
+
+    /// A bf16 weight met first by an f32 input (the f32 block's packing
+    /// cached), then by a bf16 input: the bf16 product is still the f32 one
+    /// within bf16 output rounding (a cache not keyed by the block kind
+    /// would feed f32 words to `VDPBF16PS`).
+    #[test]
+    fn cached_weight_packing_is_per_block_kind() {
+        use half::bf16;
+        let (n, k, m) = (40, 12, 18);
+        let to16 = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+        let (w16, x16) = (
+            to16(crate::util::test_data(m * k, 7)),
+            to16(crate::util::test_data(n * k, 1)),
+        );
+        let w = CpuTensor::from_bf16_vec(w16, &[m, k]).unwrap();
+        let xf =
+            CpuTensor::from_f32_vec(x16.iter().map(|v| v.to_f32()).collect(), &[n, k]).unwrap();
+        let xb = CpuTensor::from_bf16_vec(x16, &[n, k]).unwrap();
+        let a = linear(&xf, &w, None).unwrap().to_f32_cow().into_owned();
+        let b = linear(&xb, &w, None).unwrap().to_f32_cow().into_owned();
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() <= p.abs() / 128.0 + 1e-6, "{p} vs {q}");
         }
     }
 }

@@ -506,37 +506,35 @@ mod tests {
         case::<Bf16>(seed, shape, bias, bf16::from_f32, |v| v.to_f64())
     }
 
-    #[test]
-    fn f32_matches_the_definition() {
-        if !f32_available() {
-            eprintln!("SKIPPED: no AVX-512 on this CPU");
+    type Case = fn(u64, (usize, usize, usize), bool) -> TestResult;
+    type Prop = fn(u64, u16, u16, u16, bool) -> TestResult;
+
+    /// Runs `prop` under quickcheck and `case` on [`SHAPES`], or says why
+    /// not when the CPU lacks the kind's instructions.
+    fn check(available: bool, what: &str, prop: Prop, case: Case) {
+        if !available {
+            eprintln!("SKIPPED: no {what} on this CPU");
             return;
         }
-        fn prop(seed: u64, n: u16, k: u16, m: u16, bias: bool) -> TestResult {
-            f32_case(seed, shape(n, k, m), bias)
-        }
-        QuickCheck::new()
-            .tests(40)
-            .quickcheck(prop as fn(u64, u16, u16, u16, bool) -> TestResult);
+        QuickCheck::new().tests(40).quickcheck(prop);
         for s in SHAPES {
-            assert!(!f32_case(3, s, true).is_failure(), "{s:?}");
+            assert!(!case(3, s, true).is_failure(), "{s:?}");
         }
     }
 
     #[test]
-    fn bf16_matches_the_definition() {
-        if !bf16_available() {
-            eprintln!("SKIPPED: no AVX512-BF16 on this CPU");
-            return;
+    fn f32_matches_the_definition() {
+        fn prop(seed: u64, n: u16, k: u16, m: u16, bias: bool) -> TestResult {
+            f32_case(seed, shape(n, k, m), bias)
         }
+        check(f32_available(), "AVX-512", prop, f32_case);
+    }
+
+    #[test]
+    fn bf16_matches_the_definition() {
         fn prop(seed: u64, n: u16, k: u16, m: u16, bias: bool) -> TestResult {
             bf16_case(seed, shape(n, k, m), bias)
         }
-        QuickCheck::new()
-            .tests(40)
-            .quickcheck(prop as fn(u64, u16, u16, u16, bool) -> TestResult);
-        for s in SHAPES {
-            assert!(!bf16_case(3, s, true).is_failure(), "{s:?}");
-        }
+        check(bf16_available(), "AVX512-BF16", prop, bf16_case);
     }
 }

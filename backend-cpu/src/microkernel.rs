@@ -1,6 +1,6 @@
 //! The AVX2 + FMA register block shared by the direct convolution
 //! ([`crate::direct_conv`]), the Winograd convolution ([`crate::winograd`])
-//! and attention at small head sizes: `MR x NR` outputs in 12 ymm
+//! and the packed linear GEMM ([`crate::sgemm`]): `MR x NR` outputs in 12 ymm
 //! accumulators, each reduction step 6 broadcasts of the left operand, 2
 //! loads of the right one and 12 FMAs, so it runs at the FMA ports' rate
 //! whatever the operands' strides. The callers arrange their operands as
