@@ -4,14 +4,18 @@
 //! Intel Cooper Lake), both accumulating in f32.
 //!
 //! Why: a 2-core Zen 4 reaches 233 GFLOP/s on zmm FMAs and 460 on
-//! `VDPBF16PS` (a register-only loop on both cores); the AVX2 register block
-//! of [`crate::sgemm`] ran its linear layers at ~160 GFLOP/s, the bf16 one
-//! here at ~390. One `VDPBF16PS` does 32 bf16 multiply-adds (16 lanes, each
-//! the sum of a pair of products) in the time a zmm FMA does 16, and its
+//! `VDPBF16PS` (a register-only loop on both cores). The f32 block runs at
+//! 208-225 GFLOP/s hot in L1, level with the AVX2 one of [`crate::sgemm`]
+//! on whole products (~190-200) and ahead of the `gemm` crate at a few
+//! hundred rows; what it adds is a weight packing made once per weight
+//! tensor (the caller's cache) instead of once per call. The bf16 block runs
+//! at ~390: one `VDPBF16PS` does 32 bf16 multiply-adds (16 lanes, each the
+//! sum of a pair of products) in the time a zmm FMA does 16, and its
 //! operands are half the bytes.
 //!
-//! Layout: `w (m, k)` is packed once per call into panels of [`NR`] output
-//! columns, `x` in blocks of [`MR`] rows, both reduction-major, in 32-bit
+//! Layout: `w (m, k)` is packed (once per weight, by the caller through
+//! [`pack_weight_f32`] / [`pack_weight_bf16`]) into panels of [`NR`] output
+//! columns, `x` once per call in blocks of [`MR`] rows, both reduction-major, in 32-bit
 //! words: one f32, or for bf16 the pair `(v[2p], v[2p + 1])` in the
 //! interleaved ("VNNI") order the instruction wants (an odd `k` gets a zero
 //! partner). So the register block loads [`NV`] zmm of the panel and
