@@ -5,6 +5,8 @@
 use dcdit_core::backend::Grid;
 use dcdit_core::{Error, Result};
 
+#[cfg(target_arch = "x86_64")]
+use crate::linear512::{self, pack_weight, Bf16, Kind, F32};
 use crate::tensor::{CpuTensor, Storage};
 use crate::util::{for_row_chunks, gemm_f32, Mat};
 
@@ -36,29 +38,27 @@ fn prefill_bias(out: &mut [f32], m: usize, bias: Option<&[f32]>) {
     }
 }
 
-/// `w (m, k)` packed by `pack` for the bf16 (`bf16`) or the f32 register
-/// block, from the tensor's cache ([`crate::tensor::Derived`]) or made now
-/// and cached. A cache made for another `(m, k)` (a view of the same data)
-/// or the other block (a bf16 weight met by an f32 input before) is left
-/// alone and the packing made for this call only.
+/// `w (m, k)` (the tensor `w`, its values `src`) packed for the register
+/// block of kind `K`, from the tensor's cache ([`crate::tensor::Derived`])
+/// or made now and cached. A cache made for another `(m, k)` (a view of the
+/// same data) or the other kind (a bf16 weight met by an f32 input before)
+/// is left alone and the packing made for this call only.
 #[cfg(target_arch = "x86_64")]
-fn packed_weight<'a>(
+fn packed_weight<'a, K: Kind>(
     w: &'a CpuTensor,
+    src: &[K::Elem],
     m: usize,
     k: usize,
-    bf16: bool,
-    pack: impl FnOnce() -> Vec<f32>,
 ) -> std::borrow::Cow<'a, [f32]> {
-    let mut pack = Some(pack);
-    let (key, pw) = w
+    let key = (m, k, K::PER_WORD);
+    let (made_for, pw) = w
         .derived
         .linear_weight
-        .get_or_init(|| ((m, k, bf16), pack.take().map_or_else(Vec::new, |f| f())));
-    if *key == (m, k, bf16) {
+        .get_or_init(|| (key, pack_weight::<K>(src, m, k)));
+    if *made_for == key {
         std::borrow::Cow::Borrowed(pw)
     } else {
-        // `pack` is unused here: the cache was made by an earlier call.
-        std::borrow::Cow::Owned(pack.map_or_else(Vec::new, |f| f()))
+        std::borrow::Cow::Owned(pack_weight::<K>(src, m, k))
     }
 }
 
@@ -73,7 +73,7 @@ fn packed_weight<'a>(
 const LINEAR512_MIN_COLS: usize = 128;
 
 /// Whether an f32 linear layer over `n` rows and `m` output columns takes
-/// the AVX-512 register block ([`crate::linear512::linear_f32`]);
+/// the AVX-512 register block ([`crate::linear512::linear`] with `F32`);
 /// `DCDIT_LINEAR512=0` turns it off (for comparisons).
 #[cfg(target_arch = "x86_64")]
 fn linear512_applies(n: usize, m: usize) -> bool {
@@ -119,13 +119,11 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
         }
         #[cfg(target_arch = "x86_64")]
         if crate::linear512::bf16_available() {
-            let pw = packed_weight(w, m, k, true, || {
-                crate::linear512::pack_weight_bf16(wb, m, k)
-            });
+            let pw = packed_weight::<Bf16>(w, wb, m, k);
             // Written as bf16 straight from the kernel's f32 tiles.
             let mut out = crate::pool::take_bf16(n * m);
             let o = crate::linear512::Out::Bf16(&mut out);
-            crate::linear512::linear_bf16(xb, n, k, &pw, m, bias.as_deref(), o);
+            linear512::linear::<Bf16>(xb, n, k, &pw, m, bias.as_deref(), o);
             return CpuTensor::new(Storage::BF16(out), &shape);
         }
     }
@@ -139,11 +137,9 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     }
     #[cfg(target_arch = "x86_64")]
     if linear512_applies(n, m) {
-        let pw = packed_weight(w, m, k, false, || {
-            crate::linear512::pack_weight_f32(&ws, m, k)
-        });
+        let pw = packed_weight::<F32>(w, &ws, m, k);
         let o = crate::linear512::Out::F32(&mut out);
-        crate::linear512::linear_f32(&xs, n, k, &pw, m, bias.as_deref(), o);
+        linear512::linear::<F32>(&xs, n, k, &pw, m, bias.as_deref(), o);
         return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
     }
     #[cfg(target_arch = "x86_64")]

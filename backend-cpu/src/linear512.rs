@@ -1,5 +1,5 @@
 //! Linear layers on AVX-512 register blocks: `y = x w^T + b` in f32
-//! ([`linear_f32`], FMAs) and with bf16 operands ([`linear_bf16`],
+//! ([`F32`], FMAs) and with bf16 operands ([`Bf16`],
 //! AVX512-BF16's `VDPBF16PS`, for CPUs without AMX: AMD Zen 4 and later,
 //! Intel Cooper Lake), both accumulating in f32.
 //!
@@ -14,7 +14,7 @@
 //! operands are half the bytes.
 //!
 //! Layout: `w (m, k)` is packed (once per weight, by the caller through
-//! [`pack_weight_f32`] / [`pack_weight_bf16`]) into panels of [`NR`] output
+//! [`pack_weight`]) into panels of [`NR`] output
 //! columns, `x` once per call in blocks of [`MR`] rows, both reduction-major, in 32-bit
 //! words: one f32, or for bf16 the pair `(v[2p], v[2p + 1])` in the
 //! interleaved ("VNNI") order the instruction wants (an odd `k` gets a zero
@@ -49,13 +49,13 @@ const MC: usize = MR * 8;
 const NC: usize = NR * 4;
 
 /// Whether the CPU has AVX-512 (F, VL, BW, DQ) with FMA, for
-/// [`linear_f32`]: where it serves is `dense::linear`'s choice.
+/// [`F32`]: where it serves is `dense::linear`'s choice.
 pub(crate) fn f32_available() -> bool {
     crate::util::simd_level() == crate::util::Level::V4
 }
 
 /// Whether the CPU has AVX512-BF16 (with AVX512F/BW) and
-/// `DCDIT_NO_DPBF16=1` does not turn [`linear_bf16`] off (checked once).
+/// `DCDIT_NO_DPBF16=1` does not turn [`Bf16`] off (checked once).
 pub(crate) fn bf16_available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
@@ -68,72 +68,54 @@ pub(crate) fn bf16_available() -> bool {
 
 /// The operand types: how a row's reduction packs into 32-bit words, and
 /// the register block that consumes them.
-trait Kind {
+pub(crate) trait Kind {
+    /// The stored element.
     type Elem: Copy + Sync;
+    /// Whether this CPU has the block's instructions ([`f32_available`],
+    /// [`bf16_available`]).
+    fn available() -> bool;
     /// Elements per word.
     const PER_WORD: usize;
     /// Word `p` of a row: its elements `PER_WORD * p..`, zero past the end.
     fn word(row: &[Self::Elem], p: usize) -> u32;
     /// [`block_f32`] or [`block_bf16`].
-    ///
-    /// # Safety
-    /// As theirs.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
-        a: *const u32,
-        pc: usize,
-        panel: *const u32,
-        bias: Option<&[f32; NR]>,
-        dst: *mut f32,
-        ld: usize,
-        rows: usize,
-        ncols: usize,
-    );
+    const BLOCK: Block;
 }
 
-struct F32;
-struct Bf16;
+/// A register block (`block_f32`, `block_bf16`): `(a, pc, panel, bias, dst,
+/// ld, rows, ncols)` as documented on the `register_block!` macro.
+type Block =
+    unsafe fn(*const u32, usize, *const u32, Option<&[f32; NR]>, *mut f32, usize, usize, usize);
+
+/// f32 operands, FMAs.
+pub(crate) struct F32;
+/// bf16 operands in pairs, `VDPBF16PS`.
+pub(crate) struct Bf16;
 
 impl Kind for F32 {
     type Elem = f32;
+    fn available() -> bool {
+        f32_available()
+    }
     const PER_WORD: usize = 1;
     fn word(row: &[f32], p: usize) -> u32 {
         row[p].to_bits()
     }
-    unsafe fn block(
-        a: *const u32,
-        pc: usize,
-        panel: *const u32,
-        bias: Option<&[f32; NR]>,
-        dst: *mut f32,
-        ld: usize,
-        rows: usize,
-        ncols: usize,
-    ) {
-        block_f32(a, pc, panel, bias, dst, ld, rows, ncols)
-    }
+    const BLOCK: Block = block_f32;
 }
 
 impl Kind for Bf16 {
     type Elem = bf16;
+    fn available() -> bool {
+        bf16_available()
+    }
     const PER_WORD: usize = 2;
     fn word(row: &[bf16], p: usize) -> u32 {
         let lo = row[2 * p].to_bits() as u32;
         let hi = row.get(2 * p + 1).map_or(0, |h| h.to_bits() as u32);
         lo | hi << 16
     }
-    unsafe fn block(
-        a: *const u32,
-        pc: usize,
-        panel: *const u32,
-        bias: Option<&[f32; NR]>,
-        dst: *mut f32,
-        ld: usize,
-        rows: usize,
-        ncols: usize,
-    ) {
-        block_bf16(a, pc, panel, bias, dst, ld, rows, ncols)
-    }
+    const BLOCK: Block = block_bf16;
 }
 
 /// `src (rows, k)` packed in blocks of `width` rows, reduction-major: word
@@ -198,67 +180,25 @@ impl Out<'_> {
     }
 }
 
-/// `w (m, k)` packed for [`linear_f32`]: panels of [`NR`] rows of `w`,
-/// reduction-major. Made once per weight and kept with it
+/// `w (m, k)` packed for [`linear`] with kind `K`: panels of [`NR`] rows of
+/// `w`, reduction-major. Made once per weight and kept with it
 /// (`tensor::Derived`).
-pub(crate) fn pack_weight_f32(w: &[f32], m: usize, k: usize) -> Vec<f32> {
-    pack::<F32>(w, m, k, NR, false)
+pub(crate) fn pack_weight<K: Kind>(w: &[K::Elem], m: usize, k: usize) -> Vec<f32> {
+    pack::<K>(w, m, k, NR, false)
 }
 
-/// `w (m, k)` packed for [`linear_bf16`]: as [`pack_weight_f32`], in pairs.
-pub(crate) fn pack_weight_bf16(w: &[bf16], m: usize, k: usize) -> Vec<f32> {
-    pack::<Bf16>(w, m, k, NR, false)
-}
-
-/// `out (n, m) = x (n, k) w (m, k)^T [+ bias]` in f32, `out` overwritten;
-/// `pw` is `w` packed by [`pack_weight_f32`].
+/// `out (n, m) = x (n, k) w (m, k)^T [+ bias]` on the register block of kind
+/// `K` ([`F32`]: f32 FMAs; [`Bf16`]: bf16 operands, f32 accumulation), `out`
+/// overwritten; `pw` is `w` packed by [`pack_weight`].
+///
+/// Each task accumulates its `MC x NC` block in an f32 tile of its own
+/// (contiguous, so it stays in L2 across the reduction blocks) and writes it
+/// out once at the end, converted to bf16 for [`Out::Bf16`].
 ///
 /// # Panics
-/// If [`f32_available`] is false or a slice is shorter than its shape says
-/// (callers check shapes first).
-pub(crate) fn linear_f32(
-    x: &[f32],
-    n: usize,
-    k: usize,
-    pw: &[f32],
-    m: usize,
-    bias: Option<&[f32]>,
-    out: Out<'_>,
-) {
-    assert!(
-        f32_available(),
-        "linear512::linear_f32: no AVX-512 on this CPU"
-    );
-    linear::<F32>(x, n, k, pw, m, bias, out)
-}
-
-/// `out (n, m) = x (n, k) w (m, k)^T [+ bias]` on bf16 operands, accumulated
-/// in f32, `out` overwritten; `pw` is `w` packed by [`pack_weight_bf16`].
-///
-/// # Panics
-/// If [`bf16_available`] is false or a slice is shorter than its shape says
-/// (callers check shapes first).
-pub(crate) fn linear_bf16(
-    x: &[bf16],
-    n: usize,
-    k: usize,
-    pw: &[f32],
-    m: usize,
-    bias: Option<&[f32]>,
-    out: Out<'_>,
-) {
-    assert!(
-        bf16_available(),
-        "linear512::linear_bf16: no AVX512-BF16 on this CPU"
-    );
-    linear::<Bf16>(x, n, k, pw, m, bias, out)
-}
-
-/// The shared driver of [`linear_f32`] and [`linear_bf16`]. Each task
-/// accumulates its `MC x NC` block in an f32 tile of its own (contiguous, so
-/// it stays in L2 across the reduction blocks) and writes it out once at the
-/// end, converted to bf16 for [`Out::Bf16`].
-fn linear<K: Kind>(
+/// If the CPU lacks the kind's instructions ([`Kind::available`]) or a
+/// slice is shorter than its shape says (callers check shapes first).
+pub(crate) fn linear<K: Kind>(
     x: &[K::Elem],
     n: usize,
     k: usize,
@@ -267,6 +207,10 @@ fn linear<K: Kind>(
     bias: Option<&[f32]>,
     out: Out<'_>,
 ) {
+    assert!(
+        K::available(),
+        "linear512: the CPU lacks this register block's instructions"
+    );
     let kw = k.div_ceil(K::PER_WORD);
     assert!(x.len() >= n * k && pw.len() >= m.div_ceil(NR) * NR * kw && out.len() >= n * m);
     assert!(bias.is_none_or(|b| b.len() >= m));
@@ -325,7 +269,7 @@ fn linear<K: Kind>(
                         // the destination block (rows x ncols at stride NC)
                         // lies inside the task's tile.
                         unsafe {
-                            K::block(
+                            (K::BLOCK)(
                                 blk.as_ptr(),
                                 pc,
                                 panel,

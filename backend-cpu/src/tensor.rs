@@ -156,13 +156,13 @@ pub struct CpuTensor {
 #[derive(Default)]
 pub(crate) struct Derived {
     /// The data packed as a linear layer's weight for the AVX-512 register
-    /// blocks (`linear512`), with the `(m, k)` it was packed as and whether
-    /// for the bf16 block: a weight
+    /// blocks (`linear512`), with the `(m, k)` it was packed as and the
+    /// block kind's elements per word (1: f32, 2: bf16 pairs): a weight
     /// used at every forward is packed once instead of at every call (the
     /// packing pass over a cold 9 MB weight took ~1.5 ms of a 15 ms product
     /// on a 2-core Zen 4). Costs one more copy of each linear weight.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) linear_weight: std::sync::OnceLock<((usize, usize, bool), Vec<f32>)>,
+    pub(crate) linear_weight: std::sync::OnceLock<((usize, usize, usize), Vec<f32>)>,
 }
 
 impl Drop for Derived {
