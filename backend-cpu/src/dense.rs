@@ -73,14 +73,13 @@ fn packed_weight<'a, K: Kind>(
 const LINEAR512_MIN_COLS: usize = 128;
 
 /// Whether an f32 linear layer over `n` rows and `m` output columns takes
-/// the AVX-512 register block ([`crate::linear512::linear`] with `F32`);
+/// the AVX-512 register block ([`linear512::linear`] with `F32`);
 /// `DCDIT_LINEAR512=0` turns it off (for comparisons).
 #[cfg(target_arch = "x86_64")]
 fn linear512_applies(n: usize, m: usize) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| {
-        crate::linear512::f32_available() && std::env::var("DCDIT_LINEAR512").as_deref() != Ok("0")
-    });
+    let on = *ON
+        .get_or_init(|| F32::available() && std::env::var("DCDIT_LINEAR512").as_deref() != Ok("0"));
     on && n > crate::sgemm::FEW_ROWS && m >= LINEAR512_MIN_COLS
 }
 
@@ -118,11 +117,11 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
             return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
         }
         #[cfg(target_arch = "x86_64")]
-        if crate::linear512::bf16_available() {
+        if Bf16::available() {
             let pw = packed_weight::<Bf16>(w, wb, m, k);
             // Written as bf16 straight from the kernel's f32 tiles.
             let mut out = crate::pool::take_bf16(n * m);
-            let o = crate::linear512::Out::Bf16(&mut out);
+            let o = linear512::Out::Bf16(&mut out);
             linear512::linear::<Bf16>(xb, n, k, &pw, m, bias.as_deref(), o);
             return CpuTensor::new(Storage::BF16(out), &shape);
         }
@@ -138,7 +137,7 @@ pub(crate) fn linear(x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>) -> Res
     #[cfg(target_arch = "x86_64")]
     if linear512_applies(n, m) {
         let pw = packed_weight::<F32>(w, &ws, m, k);
-        let o = crate::linear512::Out::F32(&mut out);
+        let o = linear512::Out::F32(&mut out);
         linear512::linear::<F32>(&xs, n, k, &pw, m, bias.as_deref(), o);
         return Ok(CpuTensor::from_result(out, &shape, x.dtype()));
     }

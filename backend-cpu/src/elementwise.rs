@@ -50,13 +50,9 @@ fn unary_bf16(x: &[bf16], op: Unary) -> Vec<bf16> {
             let (mut a, mut b) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
             for (s, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
                 let (a, b) = (&mut a[..s.len()], &mut b[..s.len()]);
-                for (o, &v) in a.iter_mut().zip(s) {
-                    *o = f32::from_bits((v.to_bits() as u32) << 16);
-                }
+                crate::tensor::bf16_to_f32(s, a);
                 crate::math::unary_slice(op, a, b);
-                for (o, &v) in d.iter_mut().zip(b.iter()) {
-                    *o = crate::tensor::f32_to_bf16_one(v);
-                }
+                crate::tensor::f32_to_bf16(b, d);
             }
         })
     };

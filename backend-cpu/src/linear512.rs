@@ -48,31 +48,13 @@ const MC: usize = MR * 8;
 /// Output columns per task (a multiple of `NR`).
 const NC: usize = NR * 4;
 
-/// Whether the CPU has AVX-512 (F, VL, BW, DQ) with FMA, for
-/// [`F32`]: where it serves is `dense::linear`'s choice.
-pub(crate) fn f32_available() -> bool {
-    crate::util::simd_level() == crate::util::Level::V4
-}
-
-/// Whether the CPU has AVX512-BF16 (with AVX512F/BW) and
-/// `DCDIT_NO_DPBF16=1` does not turn [`Bf16`] off (checked once).
-pub(crate) fn bf16_available() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| {
-        std::env::var_os("DCDIT_NO_DPBF16").is_none()
-            && std::is_x86_feature_detected!("avx512bf16")
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-    })
-}
-
 /// The operand types: how a row's reduction packs into 32-bit words, and
 /// the register block that consumes them.
 pub(crate) trait Kind {
     /// The stored element.
     type Elem: Copy + Sync;
-    /// Whether this CPU has the block's instructions ([`f32_available`],
-    /// [`bf16_available`]).
+    /// Whether this CPU has the block's instructions (and the block is not
+    /// switched off); where it serves is `dense::linear`'s choice.
     fn available() -> bool;
     /// Elements per word.
     const PER_WORD: usize;
@@ -94,8 +76,9 @@ pub(crate) struct Bf16;
 
 impl Kind for F32 {
     type Elem = f32;
+    /// AVX-512 (F, VL, BW, DQ) with FMA.
     fn available() -> bool {
-        f32_available()
+        crate::util::simd_level() == crate::util::Level::V4
     }
     const PER_WORD: usize = 1;
     fn word(row: &[f32], p: usize) -> u32 {
@@ -106,8 +89,16 @@ impl Kind for F32 {
 
 impl Kind for Bf16 {
     type Elem = bf16;
+    /// AVX512-BF16 (with AVX512F/BW), unless `DCDIT_NO_DPBF16=1` (checked
+    /// once).
     fn available() -> bool {
-        bf16_available()
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::env::var_os("DCDIT_NO_DPBF16").is_none()
+                && std::is_x86_feature_detected!("avx512bf16")
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+        })
     }
     const PER_WORD: usize = 2;
     fn word(row: &[bf16], p: usize) -> u32 {
@@ -475,7 +466,7 @@ mod tests {
         fn prop(seed: u64, n: u16, k: u16, m: u16, bias: bool) -> TestResult {
             f32_case(seed, shape(n, k, m), bias)
         }
-        check(f32_available(), "AVX-512", prop, f32_case);
+        check(F32::available(), "AVX-512", prop, f32_case);
     }
 
     #[test]
@@ -483,6 +474,6 @@ mod tests {
         fn prop(seed: u64, n: u16, k: u16, m: u16, bias: bool) -> TestResult {
             bf16_case(seed, shape(n, k, m), bias)
         }
-        check(bf16_available(), "AVX512-BF16", prop, bf16_case);
+        check(Bf16::available(), "AVX512-BF16", prop, bf16_case);
     }
 }

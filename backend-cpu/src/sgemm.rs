@@ -1,9 +1,9 @@
 //! `y = x w^T + b` where the AVX2 register block serves
-//! ([`crate::microkernel::available`]) and, for many rows, AVX-512 does not
-//! (there [`crate::linear512`] serves, with weights packed once per tensor): at many rows the
-//! linear layers' GEMM on the shared [`block`] register block, cache-blocked
-//! the BLIS way ([`linear`]); at a few rows a kernel that streams the weights
-//! once ([`linear_few_rows`]).
+//! ([`crate::microkernel::available`]): at many rows the linear layers' GEMM
+//! on the shared [`block`] register block, cache-blocked the BLIS way
+//! ([`linear`]), unless the AVX-512 one ([`crate::linear512`], weights
+//! packed once per tensor) takes the layer first; at a few rows a kernel
+//! that streams the weights once ([`linear_few_rows`]).
 //!
 //! Why not the `gemm` crate here (it serves every other GEMM): at DC-DiT-B's
 //! linear shapes over 2048 tokens on a 2-core Zen 3, this kernel's median time
