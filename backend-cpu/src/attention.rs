@@ -68,8 +68,25 @@ pub(crate) fn check_qkv(
 }
 
 /// Packed multi-head attention; `qkv (T, 3d)` → `(T, d)`.
+/// Takes the fused AVX-512 kernels of [`crate::attention512`] where they
+/// apply, else the streaming softmax over gemm products below.
 pub(crate) fn attention(qkv: &CpuTensor, heads: usize, seg: Segments) -> Result<CpuTensor> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (t, d) = check_qkv("attention", qkv, heads, seg)?;
+        if t > 0 && d > 0 && crate::attention512::applies(d / heads, longest(seg)) {
+            let xs = qkv.to_f32_cow();
+            let mut out = crate::pool::take(t * d);
+            crate::attention512::forward(&xs, d, heads, seg, &mut out);
+            return Ok(CpuTensor::from_result(out, &[t, d], qkv.dtype()));
+        }
+    }
     attention_blocked(qkv, heads, seg, KEY_BLOCK)
+}
+
+/// Length of the longest segment.
+pub(crate) fn longest(seg: Segments) -> usize {
+    seg.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
 }
 
 /// [`attention`] with key blocks of `kb` keys (tests use small blocks).

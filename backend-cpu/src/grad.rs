@@ -926,6 +926,25 @@ fn attention_backward(
     seg: Segments,
     g: &CpuTensor,
 ) -> Result<CpuTensor> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (t, d) = crate::attention::check_qkv("attention_backward", qkv, heads, seg)?;
+        check_g("attention_backward", g, t, d)?;
+        let pairs = heads * seg.windows(2).filter(|w| w[1] > w[0]).count();
+        // One task per (segment, head): with fewer than the pool's threads
+        // the blocked path's parallel products win.
+        if t > 0
+            && d > 0
+            && pairs >= rayon::current_num_threads()
+            && crate::attention512::applies(d / heads, crate::attention::longest(seg))
+        {
+            let xs = qkv.to_f32_cow();
+            let gs = g.to_f32_cow();
+            let mut out = crate::pool::take_zeroed(t * 3 * d);
+            crate::attention512::backward(&xs, &gs, d, heads, seg, &mut out);
+            return Ok(CpuTensor::from_result(out, qkv.shape(), qkv.dtype()));
+        }
+    }
     attention_backward_blocked(qkv, heads, seg, g, crate::attention::KEY_BLOCK)
 }
 

@@ -51,6 +51,8 @@
 
 pub mod amx;
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention512;
 mod dechunk;
 mod dense;
 #[cfg(target_arch = "x86_64")]

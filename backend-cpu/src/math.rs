@@ -9,9 +9,9 @@ use dcdit_core::backend::Unary;
 use crate::util::simd_kernel;
 
 /// Below this, `exp` returns 0 (`exp(LO)` is the smallest normal f32).
-const EXP_LO: f32 = -87.336_55;
+pub(crate) const EXP_LO: f32 = -87.336_55;
 /// Above this, `exp` saturates at `exp(EXP_HI)` (~2.4e38).
-const EXP_HI: f32 = 88.376_26;
+pub(crate) const EXP_HI: f32 = 88.376_26;
 
 /// Branch-free `exp` for f32 (NaN propagates; below `EXP_LO` gives 0).
 #[inline(always)]
