@@ -654,7 +654,7 @@ mod tests {
         let mut xs: Vec<f32> = (0..20_000).map(|i| -87.0 + i as f32 * 0.00875).collect();
         xs.extend([0.0, -0.0, -1e-30, 1e-30, -87.4, -100.0, 88.5, 1e6]);
         xs.extend([f32::NEG_INFINITY, f32::INFINITY, f32::NAN]);
-        while xs.len() % 16 != 0 {
+        while !xs.len().is_multiple_of(16) {
             xs.push(0.5);
         }
         for c in xs.chunks(16) {
