@@ -58,6 +58,8 @@ mod dense;
 #[cfg(target_arch = "x86_64")]
 mod direct_conv;
 mod elementwise;
+#[cfg(target_arch = "x86_64")]
+mod gemm512;
 mod grad;
 #[cfg(target_arch = "x86_64")]
 mod linear512;

@@ -262,7 +262,9 @@ pub(crate) fn sum_of_parts(out: &mut [f32], parts: usize, run: impl Fn(usize, &m
 /// splits the result over the threads, which for a result of a few blocks
 /// leaves one thread working, so here the reduction is split instead (one
 /// part per thread, partial results added; [`sum_of_parts`]) when `k` is at
-/// least 4x both `m` and `n`. Otherwise one parallel [`gemm_f32`].
+/// least 4x both `m` and `n`. Otherwise one parallel [`gemm_f32`]. On
+/// AVX-512 CPUs, results of at least 64 columns with a contiguous-column
+/// `rhs` take [`crate::gemm512`] instead (which splits the same way).
 ///
 /// # Safety
 /// As [`gemm_f32`].
@@ -275,6 +277,11 @@ pub(crate) unsafe fn gemm_long_k(
     rhs: Mat,
 ) {
     debug_assert_eq!(dst.len(), m * n);
+    #[cfg(target_arch = "x86_64")]
+    if rhs.cs == 1 && rhs.rs >= n as isize && crate::gemm512::applies(n) {
+        crate::gemm512::gemm(m, n, k, dst, lhs, rhs);
+        return;
+    }
     let threads = rayon::current_num_threads();
     let split =
         threads > 1 && m.saturating_mul(n).saturating_mul(k) >= GEMM_PAR_WORK && k >= 4 * m.max(n);
