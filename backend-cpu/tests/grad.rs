@@ -185,6 +185,11 @@ fn conv2d_backward_matches_finite_differences() {
     conv_case(12, g(1, 4, 2), 2, 3, 5, false);
     conv_case(13, g(1, 1, 1), 2, 2, 3, false);
     conv_case(14, g(3, 2, 1), 1, 1, 3, false);
+    // Few input channels (the MNIST pixel embedding is 1 -> 32), several
+    // images.
+    conv_case(18, g(3, 6, 5), 1, 32, 3, true);
+    conv_case(19, g(2, 4, 3), 3, 16, 3, false);
+    conv_case(20, g(1, 5, 6), 2, 16, 5, true);
     // Wider channels and several row chunks, sampled coordinates.
     conv_case(15, g(2, 9, 7), 16, 24, 3, true);
     conv_case(16, g(2, 9, 7), 16, 24, 1, true);
