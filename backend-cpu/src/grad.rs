@@ -1222,7 +1222,15 @@ fn dechunk_smooth_backward(
         .zip(split_segments(seg, 1, &mut dp))
         .collect();
     // Lengths and `width > 0` are checked above, so the call cannot panic.
-    let run = |((a, b, gh), (_, _, gp)): (RowsMut, RowsMut)| {
+    let run = |sc: &mut crate::dechunk::Scratch, ((a, b, gh), (_, _, gp)): (RowsMut, RowsMut)| {
+        if b - a <= crate::dechunk::DENSE_MAX && d > 0 {
+            let (hseg, pseg, gseg) = (&hs[a * d..b * d], &ps[a..b], &gs[a * d..b * d]);
+            let pos = &pos[a..b];
+            crate::dechunk::smooth_backward_dense(
+                hseg, d, pseg, pos, width, sigma, gseg, gh, gp, sc,
+            );
+            return;
+        }
         dcdit_core::dechunk::smooth_backward(
             &hs[a * d..b * d],
             d,
@@ -1236,9 +1244,13 @@ fn dechunk_smooth_backward(
         );
     };
     if parts.len() <= 1 {
-        parts.into_iter().for_each(run);
+        let mut sc = crate::dechunk::Scratch::default();
+        parts.into_iter().for_each(|part| run(&mut sc, part));
     } else {
-        parts.into_par_iter().with_max_len(1).for_each(run);
+        parts
+            .into_par_iter()
+            .with_max_len(1)
+            .for_each_init(crate::dechunk::Scratch::default, run);
     }
     Ok((
         CpuTensor::from_result(dh, h.shape(), h.dtype()),

@@ -20,15 +20,17 @@ const NORM_EPS: f32 = 1e-8;
 /// Marks "no kept token" in the column pass of [`plug_back`].
 const NONE: u32 = u32::MAX;
 
+/// The boundary probability as de-chunking uses it: clamped to
+/// `[P_CLAMP, P_CLAMP_HI]` (NaN propagates, like torch.clamp).
 #[inline]
-fn clamp_p(p: f32) -> f32 {
+pub fn clamp_p(p: f32) -> f32 {
     // f32::clamp propagates NaN like torch.clamp.
     p.clamp(P_CLAMP, P_CLAMP_HI)
 }
 
 /// True where torch.clamp passes the gradient through (bounds inclusive).
 #[inline]
-fn clamp_passes(p: f32) -> bool {
+pub fn clamp_passes(p: f32) -> bool {
     (P_CLAMP..=P_CLAMP_HI).contains(&p)
 }
 
@@ -272,6 +274,56 @@ pub fn smooth(
     out: &mut [f32],
 ) {
     smooth_impl(h, dim, p, pos, width, sigma, out, true)
+}
+
+/// The smoothing's weights in dense form, for backends that apply them as
+/// matrix products: `k[i * M + j] = K(pos_i, pos_j)`, the kernel weight
+/// [`smooth`] uses (0 where it skips the pair), and `s[i] = sum_j K_ij c_j +
+/// 1e-8`, its row normaliser summed the same way, with `c` = [`clamp_p`]`(p)`.
+/// So `smooth`'s output is `out_i = c_i h_i + (1 - c_i) sum_j (K_ij c_j /
+/// s_i) h_j`.
+///
+/// ```
+/// use dcdit_core::dechunk::kernel_matrix;
+/// let (p, pos) = ([0.9f32, 0.2, 0.5], [0u32, 1, 4]);
+/// let mut k = [0.0f32; 9];
+/// let mut s = [0.0f32; 3];
+/// kernel_matrix(&p, &pos, 2, 1.0, &mut k, &mut s);
+/// assert_eq!(k[0], 1.0); // a token's own weight: exp(0)
+/// assert_eq!(k[2], (-2.0f64).exp() as f32); // (0,0) to (2,0): d2 = 4
+/// ```
+///
+/// # Panics
+/// If `pos` is not `M`, `k` not `M * M` or `s` not `M` long, or
+/// `width == 0` with `M > 0`.
+pub fn kernel_matrix(
+    p: &[f32],
+    pos: &[u32],
+    width: usize,
+    sigma: f32,
+    k: &mut [f32],
+    s: &mut [f32],
+) {
+    let m = p.len();
+    assert!(
+        pos.len() == m && k.len() == m * m && s.len() == m,
+        "dechunk::kernel_matrix: length mismatch"
+    );
+    assert!(m == 0 || width > 0, "dechunk::kernel_matrix: zero width");
+    let tab = KernelTable::new(width, two_sigma_sq(sigma));
+    let sorted = is_sorted(pos);
+    k.fill(0.0);
+    for i in 0..m {
+        let js = tab.window(i, pos, sorted);
+        let row = &mut k[i * m..(i + 1) * m];
+        // One pass for both: the same terms in the same order as row_sum.
+        let mut sum = 0f64;
+        tab.for_each(i, pos, js, sorted, |j, kv| {
+            row[j] = kv;
+            sum += (kv * clamp_p(p[j])) as f64;
+        });
+        s[i] = (sum as f32) + NORM_EPS;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -933,6 +985,44 @@ mod tests {
             .zip(&want)
             .all(|(&a, &b)| (a as f64 - b).abs() <= 2e-6 * scale);
         verdict(ok, c)
+    }
+
+    /// [`kernel_matrix`] holds exactly the weights and normalisers
+    /// [`smooth`] uses: applied pair by pair in the same order they give
+    /// its output bit for bit (sorted and unsorted positions).
+    #[test]
+    fn kernel_matrix_reproduces_smooth() {
+        let mut g = Gen::new(1000);
+        for case in 0..60 {
+            let mut c = SmoothCase::gen(&mut g, 48, case % 2 == 0);
+            if case % 3 == 0 {
+                c.pos.reverse();
+            }
+            let (m, d) = (c.p.len(), c.dim);
+            let mut want = vec![0f32; m * d];
+            smooth(&c.h, d, &c.p, &c.pos, c.width, c.sigma, &mut want);
+            let (mut k, mut s) = (vec![f32::NAN; m * m], vec![f32::NAN; m]);
+            kernel_matrix(&c.p, &c.pos, c.width, c.sigma, &mut k, &mut s);
+            let mut got = vec![0f32; m * d];
+            for i in 0..m {
+                let oi = &mut got[i * d..(i + 1) * d];
+                for j in 0..m {
+                    let kv = k[i * m + j];
+                    if kv != 0.0 {
+                        axpy(kv * clamp_p(c.p[j]) / s[i], &c.h[j * d..(j + 1) * d], oi);
+                    }
+                }
+                let ci = clamp_p(c.p[i]);
+                for (o, &x) in oi.iter_mut().zip(&c.h[i * d..(i + 1) * d]) {
+                    *o = ci * x + (1.0 - ci) * *o;
+                }
+            }
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "case {case}: {c:?}"
+            );
+        }
     }
 
     /// The row window only skips exact zeros: forward and backward are
