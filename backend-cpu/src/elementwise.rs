@@ -9,6 +9,58 @@ use half::bf16;
 use crate::tensor::{CpuTensor, Storage};
 use crate::util::{check_segments, for_row_chunks, for_rows_with_sample, sum, PAR_GRAIN};
 
+/// Row `r` (`c` wide) of row-major storage as f32: borrowed from f32
+/// storage, converted into `buf` (at least `c` long) from 16-bit storage.
+/// Lets per-row ops read bf16 activations a row at a time in L1 instead of
+/// converting whole tensors first.
+fn row_f32<'a>(s: &'a Storage, r: usize, c: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    let buf = &mut buf[..c];
+    match s {
+        Storage::F32(v) => return &v[r * c..(r + 1) * c],
+        Storage::BF16(v) => crate::tensor::bf16_to_f32(&v[r * c..(r + 1) * c], buf),
+        Storage::F16(v) => {
+            for (o, x) in buf.iter_mut().zip(&v[r * c..(r + 1) * c]) {
+                *o = x.to_f32();
+            }
+        }
+    }
+    buf
+}
+
+/// Output rows of `cols` floats computed by `f(first_row, chunk)` as in
+/// [`for_row_chunks`], stored as `dtype`: for bf16 each chunk is computed
+/// into an f32 scratch and rounded into the output there (one pass over
+/// memory rather than a whole f32 tensor converted afterwards).
+fn rows_out(
+    rows: usize,
+    cols: usize,
+    dtype: dcdit_core::backend::DType,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Storage {
+    use rayon::prelude::*;
+    if dtype != dcdit_core::backend::DType::BF16 || cols == 0 {
+        let mut out = crate::pool::take(rows * cols);
+        for_row_chunks(&mut out, cols, f);
+        return Storage::from_f32_vec(out, dtype);
+    }
+    let mut out = crate::pool::take_bf16(rows * cols);
+    let per = (PAR_GRAIN / cols).max(1);
+    let run = |(i, chunk): (usize, &mut [bf16])| {
+        crate::util::simd(|| {
+            let mut tmp = crate::pool::take(chunk.len());
+            f(i * per, &mut tmp);
+            crate::tensor::f32_to_bf16(&tmp, chunk);
+            crate::pool::give(tmp);
+        })
+    };
+    if rows * cols <= PAR_GRAIN {
+        run((0, &mut out));
+    } else {
+        out.par_chunks_mut(per * cols).enumerate().for_each(run);
+    }
+    Storage::BF16(out)
+}
+
 /// Applies `f` to every element.
 fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync + Send) -> CpuTensor {
     let xs = x.to_f32_cow();
@@ -257,36 +309,34 @@ fn modulate_rows(
     let (_, c, vc) = check_per_sample(op, x, ada, seg)?;
     check_block(op, "shift", shift_at, c, vc)?;
     check_block(op, "scale", scale_at, c, vc)?;
-    let xs = x.to_f32_cow();
     let av = ada.to_f32_cow();
-    let (xs, av) = (&*xs, &*av);
-    let mut out = crate::pool::take(xs.len());
-    if c > 0 {
-        for_row_chunks(&mut out, c, |r0, chunk| {
-            for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
-                let dst = &mut chunk[(r - r0) * c..(r - r0 + 1) * c];
-                let src = &xs[r * c..(r + 1) * c];
-                let row = &av[s * vc..(s + 1) * vc];
-                let shift = &row[shift_at * c..(shift_at + 1) * c];
-                let scale = &row[scale_at * c..(scale_at + 1) * c];
-                let (mean, inv) = match norm_eps {
-                    Some(eps) => crate::norm::layer_norm_stats(src, eps),
-                    None => (0.0, 1.0),
-                };
-                if norm_eps.is_some() {
-                    for (((o, &v), &sh), &sc) in dst.iter_mut().zip(src).zip(shift).zip(scale) {
-                        let h = (v - mean) * inv;
-                        *o = h * (1.0 + sc) + sh;
-                    }
-                } else {
-                    for (((o, &v), &sh), &sc) in dst.iter_mut().zip(src).zip(shift).zip(scale) {
-                        *o = v * (1.0 + sc) + sh;
-                    }
+    let av = &*av;
+    let rows = x.numel() / c.max(1);
+    let out = rows_out(rows, c, x.dtype(), |r0, chunk| {
+        let mut buf = vec![0.0f32; c];
+        for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
+            let dst = &mut chunk[(r - r0) * c..(r - r0 + 1) * c];
+            let src = row_f32(x.storage(), r, c, &mut buf);
+            let row = &av[s * vc..(s + 1) * vc];
+            let shift = &row[shift_at * c..(shift_at + 1) * c];
+            let scale = &row[scale_at * c..(scale_at + 1) * c];
+            let (mean, inv) = match norm_eps {
+                Some(eps) => crate::norm::layer_norm_stats(src, eps),
+                None => (0.0, 1.0),
+            };
+            if norm_eps.is_some() {
+                for (((o, &v), &sh), &sc) in dst.iter_mut().zip(src).zip(shift).zip(scale) {
+                    let h = (v - mean) * inv;
+                    *o = h * (1.0 + sc) + sh;
                 }
-            });
+            } else {
+                for (((o, &v), &sh), &sc) in dst.iter_mut().zip(src).zip(shift).zip(scale) {
+                    *o = v * (1.0 + sc) + sh;
+                }
+            }
         });
-    }
-    Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
+    });
+    CpuTensor::new(out, x.shape())
 }
 
 /// Gated residual `x + gate[s] * y`.
@@ -306,24 +356,22 @@ pub(crate) fn gated_add(
     }
     let (_, c, vc) = check_per_sample("gated_add", x, ada, seg)?;
     check_block("gated_add", "gate", gate_at, c, vc)?;
-    let xs = x.to_f32_cow();
-    let ys = y.to_f32_cow();
     let av = ada.to_f32_cow();
-    let (xs, ys, av) = (&*xs, &*ys, &*av);
-    let mut out = crate::pool::take(xs.len());
-    if c > 0 {
-        for_row_chunks(&mut out, c, |r0, chunk| {
-            for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
-                let dst = &mut chunk[(r - r0) * c..(r - r0 + 1) * c];
-                let (a, b) = (&xs[r * c..(r + 1) * c], &ys[r * c..(r + 1) * c]);
-                let gate = &av[s * vc + gate_at * c..s * vc + (gate_at + 1) * c];
-                for (((o, &p), &q), &g) in dst.iter_mut().zip(a).zip(b).zip(gate) {
-                    *o = p + g * q;
-                }
-            });
+    let av = &*av;
+    let rows = x.numel() / c.max(1);
+    let out = rows_out(rows, c, x.dtype(), |r0, chunk| {
+        let (mut xb, mut yb) = (vec![0.0f32; c], vec![0.0f32; c]);
+        for_rows_with_sample(seg, r0, chunk.len() / c, |r, s| {
+            let dst = &mut chunk[(r - r0) * c..(r - r0 + 1) * c];
+            let a = row_f32(x.storage(), r, c, &mut xb);
+            let b = row_f32(y.storage(), r, c, &mut yb);
+            let gate = &av[s * vc + gate_at * c..s * vc + (gate_at + 1) * c];
+            for (((o, &p), &q), &g) in dst.iter_mut().zip(a).zip(b).zip(gate) {
+                *o = p + g * q;
+            }
         });
-    }
-    Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
+    });
+    CpuTensor::new(out, x.shape())
 }
 
 /// Checks that every index is `< rows`.

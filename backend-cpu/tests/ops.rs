@@ -1146,6 +1146,63 @@ fn unary_bf16_is_the_f32_op_rounded() {
     }
 }
 
+/// The per-sample row ops on bf16 storage (read a row at a time, each
+/// chunk rounded into the output) give bitwise the f32 op on the same
+/// values rounded to bf16 by `half`: serial and parallel sizes, several
+/// samples, a mixed bf16 / f32 pair for `gated_add`.
+#[test]
+fn row_ops_on_bf16_are_the_f32_ops_rounded() {
+    let b = be();
+    let mut rng = Rng(12);
+    for (rows, c) in [(5usize, 3usize), (40, 64), (700, 96)] {
+        let seg = [0, rows / 3, rows / 3, rows];
+        let samples = seg.len() - 1;
+        let x: Vec<f32> = rng.vec(rows * c).iter().map(|v| v * 5.0).collect();
+        let y: Vec<f32> = rng.vec(rows * c).iter().map(|v| v * 3.0).collect();
+        let ada = rng.vec(samples * 3 * c);
+        let (xb, yb) = (
+            b.cast(&t(&x, &[rows, c]), DType::BF16).unwrap(),
+            b.cast(&t(&y, &[rows, c]), DType::BF16).unwrap(),
+        );
+        let (xr, yr) = (t(&host(&xb), &[rows, c]), t(&host(&yb), &[rows, c]));
+        let at = t(&ada, &[samples, 3 * c]);
+        let cases = [
+            (
+                "gated_add",
+                b.gated_add(&xb, &yb, &at, 2, &seg),
+                b.gated_add(&xr, &yr, &at, 2, &seg),
+            ),
+            (
+                "gated_add mixed",
+                b.gated_add(&xb, &yr, &at, 1, &seg),
+                b.gated_add(&xr, &yr, &at, 1, &seg),
+            ),
+            (
+                "modulate",
+                b.modulate(&xb, &at, 0, 1, &seg),
+                b.modulate(&xr, &at, 0, 1, &seg),
+            ),
+            (
+                "norm_modulate",
+                b.norm_modulate(&xb, &at, 2, 0, &seg, 1e-6),
+                b.norm_modulate(&xr, &at, 2, 0, &seg, 1e-6),
+            ),
+        ];
+        for (name, got, want) in cases {
+            let got = got.unwrap();
+            assert_eq!(b.dtype(&got), DType::BF16, "{name}");
+            for (i, (g, w)) in host(&got).iter().zip(host(&want.unwrap())).enumerate() {
+                let w = half::bf16::from_f32(w).to_f32();
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{name} {rows}x{c} at {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+}
+
 /// bf16 `qkv`: against the f64 attention of the same bf16 values, within
 /// the bf16 output's rounding (2^-8 of the output's scale, with margin, so
 /// that a kernel rounding the probabilities to bf16 would pass too),
