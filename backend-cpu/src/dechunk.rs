@@ -17,7 +17,7 @@ use dcdit_core::{Error, Result};
 use rayon::prelude::*;
 
 use crate::tensor::CpuTensor;
-use crate::util::{check_segments, gemm_f32, Mat};
+use crate::util::{check_segments, gemm_serial as product, Mat};
 
 /// Longest segment smoothed with the dense products (three `M x M`
 /// matrices of scratch per thread: 3 MiB at 512).
@@ -48,32 +48,6 @@ impl Scratch {
         self.c.clear();
         self.c.extend(p.iter().map(|&v| clamp_p(v)));
     }
-}
-
-/// `dst (m, n) = lhs (m, k) rhs (k, n)` on the calling thread (`dst` rows
-/// of `n`, overwritten).
-///
-/// # Safety
-/// The operands must be valid for their shapes; `dst` holds `m * n`.
-unsafe fn product(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if rhs.cs == 1 && crate::gemm512::applies(n) {
-        crate::gemm512::serial(m, n, k, lhs, rhs, dst.as_mut_ptr(), n);
-        return;
-    }
-    gemm_f32(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        n as isize,
-        1,
-        false,
-        lhs,
-        rhs,
-        1.0,
-        false,
-    );
 }
 
 /// [`dcdit_core::dechunk::smooth`] of one segment (`M <= DENSE_MAX`, `d >

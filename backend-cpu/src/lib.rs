@@ -20,9 +20,18 @@
 //!   more rows a packed, cache-blocked GEMM on the same register block
 //!   (`sgemm`), those over 16 or fewer rows a kernel that streams the weights
 //!   once. Weight gradients whose reduction (tokens, pixels) is long
-//!   against their size split the reduction over the threads. Attention runs
-//!   a streaming (online) softmax over blocks of 512 keys, two gemms per
-//!   block of a `(segment, head, query block)` task.
+//!   against their size split the reduction over the threads. On AVX-512
+//!   CPUs linear layers of 128 or more outputs run a 6x64 register block on
+//!   weights packed once per tensor (`linear512`, f32 FMA or bf16
+//!   `VDPBF16PS`), and the backward's products of 64 or more columns an
+//!   unpacked one (`gemm512`).
+//! * Attention: on AVX-512 CPUs, for head widths 16-64 and segments up to
+//!   512 tokens, fused kernels that keep a whole row of scores in L1
+//!   (`attention512`); otherwise a streaming (online) softmax over blocks of
+//!   512 keys, two gemms per block of a `(segment, head, query block)` task.
+//! * De-chunk smoothing of segments up to 512 kept tokens runs as matrix
+//!   products over core's dense kernel weights (`dechunk`), longer ones
+//!   pair by pair in core.
 //! * Element-wise, norm and reduction loops are plain Rust compiled per SIMD
 //!   level (AVX-512, AVX2 + FMA, baseline) and picked at run time.
 //! * Output buffers are recycled through a pool ([`pool`]) kept by size

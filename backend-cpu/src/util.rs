@@ -257,6 +257,43 @@ pub(crate) fn sum_of_parts(out: &mut [f32], parts: usize, run: impl Fn(usize, &m
 }
 
 /// `dst (m, n) = lhs (m, k) * rhs (k, n)` (overwritten; rows of `n`
+/// contiguous) on the calling thread, for callers that run many products
+/// in parallel: [`crate::gemm512`]'s block where it applies (AVX-512, at
+/// least 64 columns, `rhs` columns contiguous), else one serial
+/// [`gemm_f32`].
+///
+/// # Safety
+/// As [`gemm_f32`].
+pub(crate) unsafe fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat,
+    rhs: Mat,
+    dst: &mut [f32],
+) {
+    debug_assert_eq!(dst.len(), m * n);
+    #[cfg(target_arch = "x86_64")]
+    if rhs.cs == 1 && rhs.rs >= n as isize && crate::gemm512::applies(n) {
+        crate::gemm512::serial(m, n, k, lhs, rhs, dst.as_mut_ptr(), n);
+        return;
+    }
+    gemm_f32(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        n as isize,
+        1,
+        false,
+        lhs,
+        rhs,
+        1.0,
+        false,
+    );
+}
+
+/// `dst (m, n) = lhs (m, k) * rhs (k, n)` (overwritten; rows of `n`
 /// contiguous) for products whose reduction is long against their result,
 /// such as weight gradients (`k` = tokens or pixels): the `gemm` crate
 /// splits the result over the threads, which for a result of a few blocks
