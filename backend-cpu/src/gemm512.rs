@@ -13,10 +13,9 @@
 //! accumulators; per reduction step 4 loads of a `B` row, 6 broadcasts and
 //! 24 FMAs. Loops: reduction blocks of [`KC`] (a `KC x 64` slice of `B`,
 //! 16 KiB, stays in L1 while every row block of the task passes over it),
-//! then 64-column strips, then row blocks. Threads split the rows, or the
-//! reduction when it is long against the result (each thread then sums its
-//! own `C`, the parts added as in [`crate::util::sum_of_parts`]). The
-//! module exists on x86-64 only.
+//! then 64-column strips, then row blocks. Threads split the rows here;
+//! [`crate::util::gemm_long_k`] splits a long reduction instead, each part
+//! a [`serial`] product. The module exists on x86-64 only.
 
 // The register block indexes its accumulators by row and vector.
 #![allow(clippy::needless_range_loop)]
@@ -25,7 +24,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use crate::util::{sum_of_parts, Mat, SyncPtr, GEMM_PAR_WORK};
+use crate::util::{Mat, SyncPtr};
 
 /// Rows per register block.
 const MR: usize = 6;
@@ -159,74 +158,54 @@ pub(crate) unsafe fn serial(
 
 /// `dst (m, n) = lhs (m, k) rhs (k, n)`, overwritten (rows of `n`
 /// contiguous). `lhs` takes any strides, `rhs` needs contiguous columns
-/// (`cs == 1`, `rs >= n`). Parallel over the pool when the work is large:
-/// over the reduction when `k >= 4 max(m, n)`, else over rows. The caller
-/// checks [`applies`].
+/// (`cs == 1`, `rs >= n`). With `parallel`, tasks of [`MC`] rows run on the
+/// pool (splitting a long reduction instead is
+/// [`crate::util::gemm_long_k`]'s choice). The caller checks [`applies`].
 ///
 /// # Safety
 /// The operands must be valid for their shapes and strides and not written
 /// meanwhile; `dst` holds `m * n` floats.
-pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: Mat, rhs: Mat) {
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: Mat,
+    rhs: Mat,
+    parallel: bool,
+) {
     debug_assert_eq!(dst.len(), m * n);
     debug_assert!(rhs.cs == 1 && rhs.rs >= n as isize);
     if m == 0 || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads();
-    let work = m.saturating_mul(n).saturating_mul(k);
-    if threads <= 1 || work < GEMM_PAR_WORK {
+    if !parallel || m <= MC {
         serial(m, n, k, lhs, rhs, dst.as_mut_ptr(), n);
-    } else if k >= 4 * m.max(n) {
-        let per = k.div_ceil(threads).div_ceil(KC) * KC;
-        sum_of_parts(dst, threads, |part, acc| {
-            // Whole operands captured (a field alone would not be Sync).
-            let (lhs, rhs) = (lhs, rhs);
-            let k0 = (part * per).min(k);
-            let kn = per.min(k - k0);
-            // SAFETY: k0 + kn <= k; `acc` holds m * n floats, this part's own.
-            unsafe {
-                serial(
-                    m,
-                    n,
-                    kn,
-                    Mat {
-                        ptr: lhs.ptr.offset(k0 as isize * lhs.cs),
-                        ..lhs
-                    },
-                    Mat {
-                        ptr: rhs.ptr.offset(k0 as isize * rhs.rs),
-                        ..rhs
-                    },
-                    acc.as_mut_ptr(),
-                    n,
-                )
-            };
-        });
-    } else {
-        let out = SyncPtr(dst.as_mut_ptr());
-        let whole = lhs;
-        (0..m.div_ceil(MC)).into_par_iter().for_each(|task| {
-            // The whole operand captured (a field alone would not be Sync).
-            let lhs = whole;
-            let i0 = task * MC;
-            let rows = MC.min(m - i0);
-            // SAFETY: task `task` owns rows i0..i0 + rows of `dst`.
-            unsafe {
-                serial(
-                    rows,
-                    n,
-                    k,
-                    Mat {
-                        ptr: lhs.ptr.offset(i0 as isize * lhs.rs),
-                        ..lhs
-                    },
-                    rhs,
-                    out.get().add(i0 * n),
-                    n,
-                )
-            };
-        });
+        return;
     }
+    let out = SyncPtr(dst.as_mut_ptr());
+    let whole = lhs;
+    (0..m.div_ceil(MC)).into_par_iter().for_each(|task| {
+        // The whole operand captured (a field alone would not be Sync).
+        let lhs = whole;
+        let i0 = task * MC;
+        let rows = MC.min(m - i0);
+        // SAFETY: task `task` owns rows i0..i0 + rows of `dst`.
+        unsafe {
+            serial(
+                rows,
+                n,
+                k,
+                Mat {
+                    ptr: lhs.ptr.offset(i0 as isize * lhs.rs),
+                    ..lhs
+                },
+                rhs,
+                out.get().add(i0 * n),
+                n,
+            )
+        };
+    });
 }
 
 #[cfg(test)]
@@ -236,7 +215,8 @@ mod tests {
 
     /// Against the f64 definition, `A` in both layouts (as itself and as the
     /// transpose of its buffer), `B` with a row stride wider than `n`,
-    /// shapes past every block edge and both parallel splits.
+    /// shapes past every block edge and both parallel splits (through
+    /// `gemm_long_k`, which chooses between them).
     #[test]
     fn matches_the_f64_definition() {
         if !applies(NR) {
@@ -264,7 +244,7 @@ mod tests {
             };
             let mut out = vec![f32::NAN; m * n];
             // SAFETY: shapes as built above.
-            unsafe { gemm(m, n, k, &mut out, lhs, rhs) };
+            unsafe { crate::util::gemm_long_k(m, n, k, &mut out, lhs, rhs) };
             for i in 0..m {
                 for j in 0..n {
                     let terms = (0..k).map(|t| at(i, t) as f64 * b[t * ldb + j] as f64);

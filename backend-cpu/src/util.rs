@@ -299,9 +299,9 @@ pub(crate) unsafe fn gemm_serial(
 /// splits the result over the threads, which for a result of a few blocks
 /// leaves one thread working, so here the reduction is split instead (one
 /// part per thread, partial results added; [`sum_of_parts`]) when `k` is at
-/// least 4x both `m` and `n`. Otherwise one parallel [`gemm_f32`]. On
-/// AVX-512 CPUs, results of at least 64 columns with a contiguous-column
-/// `rhs` take [`crate::gemm512`] instead (which splits the same way).
+/// least 4x both `m` and `n`, each part a [`gemm_serial`]. Otherwise one
+/// product split over rows: [`crate::gemm512`] where it applies (AVX-512,
+/// at least 64 columns, `rhs` columns contiguous), else [`gemm_f32`].
 ///
 /// # Safety
 /// As [`gemm_f32`].
@@ -314,51 +314,36 @@ pub(crate) unsafe fn gemm_long_k(
     rhs: Mat,
 ) {
     debug_assert_eq!(dst.len(), m * n);
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && m.saturating_mul(n).saturating_mul(k) >= GEMM_PAR_WORK;
+    if parallel && k >= 4 * m.max(n) {
+        let per = k.div_ceil(threads);
+        sum_of_parts(dst, threads, |part, acc| {
+            let k0 = (part * per).min(k);
+            let kn = per.min(k - k0);
+            // SAFETY: k0 + kn <= k, inside both operands; `acc` holds m * n.
+            unsafe { gemm_serial(m, n, kn, lhs.skip_k(k0, true), rhs.skip_k(k0, false), acc) };
+        });
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if rhs.cs == 1 && rhs.rs >= n as isize && crate::gemm512::applies(n) {
-        crate::gemm512::gemm(m, n, k, dst, lhs, rhs);
+        crate::gemm512::gemm(m, n, k, dst, lhs, rhs, parallel);
         return;
     }
-    let threads = rayon::current_num_threads();
-    let split =
-        threads > 1 && m.saturating_mul(n).saturating_mul(k) >= GEMM_PAR_WORK && k >= 4 * m.max(n);
-    if !split {
-        gemm_f32(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            n as isize,
-            1,
-            false,
-            lhs,
-            rhs,
-            1.0,
-            true,
-        );
-        return;
-    }
-    let per = k.div_ceil(threads);
-    sum_of_parts(dst, threads, |part, acc| {
-        let k0 = (part * per).min(k);
-        let kn = per.min(k - k0);
-        // SAFETY: k0 + kn <= k, inside both operands; `acc` holds m * n.
-        unsafe {
-            gemm_f32(
-                m,
-                n,
-                kn,
-                acc.as_mut_ptr(),
-                n as isize,
-                1,
-                false,
-                lhs.skip_k(k0, true),
-                rhs.skip_k(k0, false),
-                1.0,
-                false,
-            );
-        }
-    });
+    gemm_f32(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        n as isize,
+        1,
+        false,
+        lhs,
+        rhs,
+        1.0,
+        parallel,
+    );
 }
 
 /// `dst (m, n) = [dst +] scale * lhs (m, k) * rhs (k, n)` with f32 operands.
