@@ -216,7 +216,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if a.rounds > 1 {
                 println!("\n=== round {} of {} ===", round + 1, a.rounds);
             }
-            let (rust, torch) = run_round(&a, &backend, script.as_deref(), &dir, files)?;
+            // On the pool's own thread, so that every op runs inline instead of
+            // being handed to a worker while this thread sleeps.
+            let (rust, torch) =
+                backend.install(|| run_round(&a, &backend, script.as_deref(), &dir, files))?;
             if let Some(t) = &torch {
                 print_torch(t);
             }

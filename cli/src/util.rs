@@ -86,7 +86,10 @@ macro_rules! with_backend {
         match dev.backend {
             $crate::util::BackendKind::Cpu => {
                 let $b = $crate::util::cpu(dev.threads)?;
-                $body
+                // The body runs on the pool's first thread: each op then runs
+                // inline instead of being handed to a worker (see
+                // `CpuBackend::install`).
+                $b.clone().install(|| -> anyhow::Result<_> { Ok($body) })?
             }
             $crate::util::BackendKind::Vulkan => {
                 let $b = $crate::util::vulkan(dev.device)?;
