@@ -253,6 +253,13 @@ pub(crate) fn backward_op<B: GradBackend>(
             pw,
             pb,
         } => {
+            if !need(px) {
+                // The input is a constant (the noisy image): no dx to compute.
+                let (dw, db) = b.conv2d_weight_backward(&x, grid, &w, k, &g)?;
+                drop((x, w));
+                accumulate(b, grads, pb, db)?;
+                return accumulate(b, grads, pw, dw);
+            }
             let (dx, dw, db) = b.conv2d_backward(&x, grid, &w, k, &g)?;
             drop((x, w));
             accumulate(b, grads, pb, db)?;

@@ -76,9 +76,10 @@ fn conv_shapes(
             let g = b.from_f32(&data(rows * cout, 20), &[rows, cout])?;
             let fwd = time(9, || b.conv2d(&x, grid, &w, Some(&bias), k).unwrap());
             let bwd = time(9, || b.conv2d_backward(&x, grid, &w, k, &g).unwrap());
+            let wbwd = time(9, || b.conv2d_weight_backward(&x, grid, &w, k, &g).unwrap());
             let gf = 2.0 * (rows * k * k * cin * cout) as f64 * 1e-6;
             println!(
-                "{label}conv2d k={k} {cin}->{cout} at {}x{}x{}: forward {fwd:.2} ms ({:.1} GFLOP/s), backward {bwd:.2} ms ({:.1})",
+                "{label}conv2d k={k} {cin}->{cout} at {}x{}x{}: forward {fwd:.2} ms ({:.1} GFLOP/s), backward {bwd:.2} ms ({:.1}), weights only {wbwd:.2} ms",
                 grid.batch,
                 grid.height,
                 grid.width,

@@ -155,6 +155,19 @@ fn conv_case(seed: u64, grid: Grid, cin: usize, cout: usize, k: usize, subset: b
     assert_eq!(b.shape(&dx), vec![rows, cin]);
     assert_eq!(b.shape(&dw), vec![cout, k, k, cin]);
     assert_eq!(b.shape(&db), vec![cout]);
+    // Without the input gradient: the same dw and db, bit for bit.
+    let (dw1, db1) = b
+        .conv2d_weight_backward(
+            &t(&x, &[rows, cin]),
+            grid,
+            &t(&w, &[cout, k, k, cin]),
+            k,
+            &t(&r, &[rows, cout]),
+        )
+        .unwrap();
+    assert_eq!(b.shape(&dw1), b.shape(&dw));
+    assert_eq!(host(&dw1), host(&dw), "conv2d_weight_backward dw");
+    assert_eq!(host(&db1), host(&db), "conv2d_weight_backward db");
     let f = |ins: &[Vec<f64>]| common::conv(&ins[0], grid, cin, &ins[1], &ins[2], cout, k);
     let pick = |n: usize, rng: &mut Rng| -> Vec<usize> { (0..40).map(|_| rng.below(n)).collect() };
     let (cx, cw) = (pick(x.len(), &mut rng), pick(w.len(), &mut rng));
@@ -225,6 +238,9 @@ fn conv2d_backward_errors() {
         width: 1,
     };
     assert!(is_input_err(b.conv2d_backward(&x, grid5, &w, 3, &g)));
+    assert!(b.conv2d_weight_backward(&x, grid, &w, 3, &g).is_ok());
+    assert!(is_input_err(b.conv2d_weight_backward(&x, grid, &w, 2, &g)));
+    assert!(is_input_err(b.conv2d_weight_backward(&x, grid5, &w, 3, &g)));
 }
 
 #[test]

@@ -97,6 +97,22 @@ pub trait GradBackend: Backend {
         k: usize,
         g: &Self::Tensor,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// The parameter gradients of [`Backend::conv2d`] alone, `(dw, db)`, for
+    /// a convolution whose input needs no gradient (the pixel embedding of
+    /// the noisy image): the same values as [`conv2d_backward`](Self::conv2d_backward)'s,
+    /// without the input-gradient convolution (a backend may skip it; the
+    /// default computes and drops it).
+    fn conv2d_weight_backward(
+        &self,
+        x: &Self::Tensor,
+        grid: Grid,
+        w: &Self::Tensor,
+        k: usize,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (_, dw, db) = self.conv2d_backward(x, grid, w, k, g)?;
+        Ok((dw, db))
+    }
     /// Gradients of [`Backend::depthwise_conv3x3`]: `(dx, dw)`, `dw (c, 9)`.
     fn depthwise_conv3x3_backward(
         &self,
