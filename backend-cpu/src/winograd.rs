@@ -37,10 +37,19 @@ use crate::util::sum_of_parts;
 use dcdit_core::backend::Grid;
 
 /// Tiles (2x2 output pixels) per parallel task, a multiple of [`MR`]: the
-/// task's `V` and `M` (`16 * TILES * channels` floats each) stay in L2 at
+/// task's `V` and `M` (`16 * xi_stride(channels)` floats each) stay in L2 at
 /// 192 channels, and each transformed-weight panel is reused by
 /// `TILES / MR` register blocks.
 const TILES: usize = MR * 8;
+
+/// Distance in floats between the 16 transformed matrices of a task's `V`
+/// (or `M`, `Yh`) of `c` channels: `TILES * c` plus one cache line, because
+/// a tile's transform writes (and the output transform reads) one row in
+/// each of the 16, and at 64 channels `TILES * c` floats is 12 KiB, a
+/// multiple of 4 KiB, so all 16 rows fell in the same L1 set (8 ways).
+fn xi_stride(c: usize) -> usize {
+    TILES * c + 16
+}
 
 /// Fewest input and output channels for which the transforms pay off: at
 /// 16 channels the per-tile work (window pointers, transforms of two
@@ -179,13 +188,14 @@ pub(crate) fn conv(
         .for_each(|task| {
             let t0 = task * TILES;
             let n = TILES.min(tiles.count - t0);
-            let mut v = crate::pool::take(16 * TILES * cin);
-            let mut m = crate::pool::take(16 * TILES * cout);
+            let (vs, ms) = (xi_stride(cin), xi_stride(cout));
+            let mut v = crate::pool::take(16 * vs);
+            let mut m = crate::pool::take(16 * ms);
             // Input transform: V[xi][t] = (B^T d B)[xi] per channel.
             for t in 0..n {
                 let d = tiles.window(xp, cin, &zeros, t0 + t);
-                // SAFETY: AVX2 checked by the caller; `v` holds 16 * TILES * cin.
-                unsafe { input_tile(&d, &mut v, t * cin, TILES * cin) };
+                // SAFETY: AVX2 checked by the caller; `v` holds 16 * vs.
+                unsafe { input_tile(&d, &mut v, t * cin, vs) };
             }
             // The 16 products, one transformed-weight panel at a time.
             for xi in 0..16 {
@@ -196,9 +206,9 @@ pub(crate) fn conv(
                     for r0 in (0..n).step_by(MR) {
                         let rows = MR.min(n - r0);
                         let a: [*const f32; MR] = std::array::from_fn(|r| {
-                            v[(xi * TILES + r0 + r.min(rows - 1)) * cin..].as_ptr()
+                            v[xi * vs + (r0 + r.min(rows - 1)) * cin..].as_ptr()
                         });
-                        let dst = m[(xi * TILES + r0) * cout + c0..].as_mut_ptr();
+                        let dst = m[xi * ms + r0 * cout + c0..].as_mut_ptr();
                         // SAFETY: AVX2 + FMA checked by the caller; each `a`
                         // row holds `cin` floats, the panel `cin * NR`, and the
                         // `rows` destination rows of `ncols` floats (stride
@@ -233,8 +243,8 @@ pub(crate) fn conv(
                 };
                 let dst = [px(0, 0), px(0, 1), px(1, 0), px(1, 1)];
                 // SAFETY: AVX2 checked by the caller; tiles are disjoint, so no
-                // other task writes these pixels; `m` holds 16 * TILES * cout.
-                unsafe { output_tile(&m, t * cout, TILES * cout, cout, bias, &dst) };
+                // other task writes these pixels; `m` holds 16 * ms.
+                unsafe { output_tile(&m, t * cout, ms, cout, bias, &dst) };
             }
             crate::pool::give(v);
             crate::pool::give(m);
@@ -274,15 +284,16 @@ pub(crate) fn weight_grad(
         du.fill(0.0);
         // `V (16, TILES, cin)` plus NR floats: a partial channel panel
         // reads (but never stores) past the last row.
-        let mut v = crate::pool::take(16 * TILES * cin + NR);
-        let mut yh = crate::pool::take(16 * cout * TILES);
+        let (vs, ys) = (xi_stride(cin), xi_stride(cout));
+        let mut v = crate::pool::take(16 * vs + NR);
+        let mut yh = crate::pool::take(16 * ys);
         let end = tiles.count.min((part + 1) * per);
         for t0 in (part * per..end).step_by(TILES) {
             let n = TILES.min(end - t0);
             for t in 0..n {
                 let d = tiles.window(xp, cin, &zeros[..cin], t0 + t);
-                // SAFETY: AVX2 checked by the caller; `v` holds 16 * TILES * cin.
-                unsafe { input_tile(&d, &mut v, t * cin, TILES * cin) };
+                // SAFETY: AVX2 checked by the caller; `v` holds 16 * vs.
+                unsafe { input_tile(&d, &mut v, t * cin, vs) };
                 let (b, y0, x0) = tiles.origin(t0 + t);
                 let dy: [&[f32]; 4] = std::array::from_fn(|i| {
                     match tiles.pixel(b, (y0 + i / 2) as isize, (x0 + i % 2) as isize) {
@@ -291,16 +302,15 @@ pub(crate) fn weight_grad(
                     }
                 });
                 // SAFETY: AVX2 checked by the caller; `yh` holds
-                // 16 * cout * TILES floats.
-                unsafe { grad_tile(&dy, &mut yh, t * cout, TILES * cout) };
+                // 16 * ys floats.
+                unsafe { grad_tile(&dy, &mut yh, t * cout, ys) };
             }
             // dU_xi (cout, cin) += Yh_xi^T (cout, n) V_xi (n, cin).
             for xi in 0..16 {
                 for o0 in (0..cout).step_by(MR) {
                     let rows = MR.min(cout - o0);
-                    let a: [*const f32; MR] = std::array::from_fn(|r| {
-                        yh[xi * TILES * cout + o0 + r.min(rows - 1)..].as_ptr()
-                    });
+                    let a: [*const f32; MR] =
+                        std::array::from_fn(|r| yh[xi * ys + o0 + r.min(rows - 1)..].as_ptr());
                     for c0 in (0..cin).step_by(NR) {
                         let dst = du[(xi * cout + o0) * cin + c0..].as_mut_ptr();
                         // SAFETY: AVX2 + FMA checked by the caller; each
@@ -315,7 +325,7 @@ pub(crate) fn weight_grad(
                                 0,
                                 1,
                                 n,
-                                v[xi * TILES * cin + c0..].as_ptr(),
+                                v[xi * vs + c0..].as_ptr(),
                                 cin,
                                 None,
                                 dst,
