@@ -364,9 +364,28 @@ pub(crate) fn conv_f32(
     if rows == 0 || cout == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::winograd::applies(k, cin, cout) {
+        crate::winograd::conv(xs, grid, cin, wt, cout, bias, out);
+        return;
+    }
     let xp = Padded::new(xs, grid, cin, k / 2);
     conv_padded(&xp, grid, cin, wt, cout, k, bias, out);
     crate::pool::give(xp.data);
+}
+
+/// Whether [`conv_f32`] takes the Winograd kernels (which read the input in
+/// place) for this shape, so that callers skip the [`Padded`] copy.
+pub(crate) fn winograd_applies(k: usize, cin: usize, cout: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::winograd::applies(k, cin, cout)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (k, cin, cout);
+        false
+    }
 }
 
 /// [`conv_f32`] on an input already in the [`Padded`] layout (padding
@@ -390,10 +409,7 @@ pub(crate) fn conv_padded(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::winograd::applies(k, cin, cout) {
-        crate::winograd::conv(xp, grid, cin, wt, cout, bias, out);
-        return;
-    } else if crate::direct_conv::available() {
+    if crate::direct_conv::available() {
         crate::direct_conv::conv(xp, grid, cin, wt, cout, k, bias, out);
         return;
     }

@@ -14,7 +14,7 @@ use dcdit_core::backend_grad::{AdamW, AdamWScalars, GradBackend};
 use dcdit_core::{Error, Result};
 use rayon::prelude::*;
 
-use crate::dense::{check_grid, conv_padded, depthwise_f32, Padded};
+use crate::dense::{check_grid, conv_f32, conv_padded, depthwise_f32, winograd_applies, Padded};
 use crate::math::{softmax_online, softmax_probs, unary_backward_slice};
 use crate::norm::{group_stats, GroupStats};
 use crate::tensor::{numel_of, CpuTensor};
@@ -317,10 +317,20 @@ fn conv2d_backward(
                 }
             }
         } else {
-            let xp = Padded::new(xs, grid, cin, k / 2);
-            let gp = Padded::new(gs, grid, cout, k / 2);
-            weight_grad(&xp, grid, cin, k, gs, &gp, cout, &mut dw);
-            crate::pool::give(xp.data);
+            // The Winograd kernels read x and g in place; the others take
+            // zero-padded copies (g's shared by dw and dx).
+            let wino_dw = winograd_applies(k, cin, cout);
+            let wino_dx = winograd_applies(k, cout, cin);
+            let gp =
+                (!wino_dw || (need_dx && !wino_dx)).then(|| Padded::new(gs, grid, cout, k / 2));
+            if wino_dw {
+                #[cfg(target_arch = "x86_64")]
+                crate::winograd::weight_grad(xs, grid, cin, gs, cout, &mut dw);
+            } else if let Some(gp) = &gp {
+                let xp = Padded::new(xs, grid, cin, k / 2);
+                conv_weight_grad(&xp, grid, cin, k, gp, cout, &mut dw);
+                crate::pool::give(xp.data);
+            }
             // dx is the "same" convolution of g with the spatially flipped,
             // in/out-transposed kernel: w'[ci, ky, kx, co] = w[co, k-1-ky, k-1-kx, ci].
             if need_dx {
@@ -336,9 +346,14 @@ fn conv2d_backward(
                         }
                     }
                 }
-                conv_padded(&gp, grid, cout, &wf, cin, k, None, &mut dx);
+                match &gp {
+                    Some(gp) if !wino_dx => conv_padded(gp, grid, cout, &wf, cin, k, None, &mut dx),
+                    _ => conv_f32(gs, grid, cout, &wf, cin, k, None, &mut dx),
+                }
             }
-            crate::pool::give(gp.data);
+            if let Some(gp) = gp {
+                crate::pool::give(gp.data);
+            }
         }
     }
     Ok((
@@ -346,29 +361,6 @@ fn conv2d_backward(
         CpuTensor::from_result(dw, w.shape(), w.dtype()),
         CpuTensor::from_result(db, &[cout], w.dtype()),
     ))
-}
-
-/// `dw (cout, k*k*cin) = g^T cols(x)` for odd `k > 1`: Winograd where the
-/// forward uses it, otherwise [`conv_weight_grad`]. `gs` is the output
-/// gradient, `gp` the same in the [`Padded`] layout.
-#[allow(clippy::too_many_arguments)]
-fn weight_grad(
-    xp: &Padded,
-    grid: Grid,
-    cin: usize,
-    k: usize,
-    gs: &[f32],
-    gp: &Padded,
-    cout: usize,
-    dw: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::winograd::applies(k, cin, cout) {
-        crate::winograd::weight_grad(xp, grid, cin, gs, cout, dw);
-        return;
-    }
-    let _ = gs;
-    conv_weight_grad(xp, grid, cin, k, gp, cout, dw);
 }
 
 /// `dw (cout, k*k*cin) = g^T cols(x)` for odd `k > 1`, as one GEMM per kernel

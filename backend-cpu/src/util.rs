@@ -570,10 +570,12 @@ pub(crate) fn conv_reference(
     out
 }
 
-/// A convolution kernel under test: `(xp, grid, cin, wt, cout, k, bias, out)`
-/// as `direct_conv::conv`.
+/// A convolution kernel under test: `(xs, xp, grid, cin, wt, cout, k, bias,
+/// out)`, the input both as itself and in the [`Padded`](crate::dense::Padded)
+/// layout (`winograd::conv` reads the first, `direct_conv::conv` the second).
 #[cfg(test)]
 pub(crate) type ConvKernel<'a> = &'a dyn Fn(
+    &[f32],
     &crate::dense::Padded,
     dcdit_core::backend::Grid,
     usize,
@@ -615,7 +617,17 @@ pub(crate) fn conv_case(
     };
     let xp = crate::dense::Padded::new(&xs, g, cin, k / 2);
     let mut out = vec![f32::NAN; g.rows() * cout];
-    kernel(&xp, g, cin, &wt, cout, k, bias.then_some(&b[..]), &mut out);
+    kernel(
+        &xs,
+        &xp,
+        g,
+        cin,
+        &wt,
+        cout,
+        k,
+        bias.then_some(&b[..]),
+        &mut out,
+    );
     crate::pool::give(xp.data);
     let want = conv_reference(&xs, g, cin, &wt, cout, k, &b);
     match first_mismatch(&out, &want, 1e-5) {

@@ -31,7 +31,6 @@
 
 use rayon::prelude::*;
 
-use crate::dense::Padded;
 use crate::microkernel::{block, MR, NR};
 use crate::util::sum_of_parts;
 use dcdit_core::backend::Grid;
@@ -143,28 +142,26 @@ impl Tiles {
     }
 
     /// The 4x4 input window of tile `t` (row-major pixels of `c` channels of
-    /// `xp`, padding 1); pixels outside the image are `zeros`.
-    fn window<'a>(&self, xp: &'a Padded, c: usize, zeros: &'a [f32], t: usize) -> [&'a [f32]; 16] {
+    /// `xs`, the unpadded `(rows, c)` input); pixels outside the image are
+    /// `zeros`, so no zero-padded copy of the input is needed.
+    fn window<'a>(&self, xs: &'a [f32], c: usize, zeros: &'a [f32], t: usize) -> [&'a [f32]; 16] {
         let (b, y0, x0) = self.origin(t);
         std::array::from_fn(|i| {
             let (y, x) = ((y0 + i / 4) as isize - 1, (x0 + i % 4) as isize - 1);
             match self.pixel(b, y, x) {
                 None => zeros,
-                Some(_) => {
-                    let at = (xp.margin + xp.position(b, y as usize, x as usize)) * c;
-                    &xp.data[at..at + c]
-                }
+                Some(p) => &xs[p * c..(p + 1) * c],
             }
         })
     }
 }
 
-/// Stride-1 "same" 3x3 convolution of `xp` (the [`Padded`] layout of a
-/// `(grid.rows(), cin)` input, padding 1) with OHWI `wt (cout, 3, 3, cin)`,
+/// Stride-1 "same" 3x3 convolution of `xs (grid.rows(), cin)` (read in
+/// place: no zero-padded copy) with OHWI `wt (cout, 3, 3, cin)`,
 /// written to `out (grid.rows(), cout)` (overwritten; the bias added). The
 /// caller checks [`applies`].
 pub(crate) fn conv(
-    xp: &Padded,
+    xs: &[f32],
     grid: Grid,
     cin: usize,
     wt: &[f32],
@@ -174,7 +171,7 @@ pub(crate) fn conv(
 ) {
     debug_assert_eq!(wt.len(), cout * 9 * cin);
     debug_assert_eq!(out.len(), grid.rows() * cout);
-    debug_assert_eq!(xp.pad, 1);
+    debug_assert_eq!(xs.len(), grid.rows() * cin);
     if grid.rows() == 0 || cout == 0 {
         return;
     }
@@ -193,7 +190,7 @@ pub(crate) fn conv(
             let mut m = crate::pool::take(16 * ms);
             // Input transform: V[xi][t] = (B^T d B)[xi] per channel.
             for t in 0..n {
-                let d = tiles.window(xp, cin, &zeros, t0 + t);
+                let d = tiles.window(xs, cin, &zeros, t0 + t);
                 // SAFETY: AVX2 checked by the caller; `v` holds 16 * vs.
                 unsafe { input_tile(&d, &mut v, t * cin, vs) };
             }
@@ -253,14 +250,14 @@ pub(crate) fn conv(
 }
 
 /// Weight gradient of the 3x3 convolution, `dw (cout, 3, 3, cin)` (OHWI,
-/// overwritten) from the input `xp` ([`Padded`], padding 1) and the output
+/// overwritten) from the input `xs (grid.rows(), cin)` and the output
 /// gradient `g (grid.rows(), cout)`. The forward is linear in `U = G w G^T`,
 /// so `dU_xi = sum over tiles of (A dY A^T)_xi (B^T d B)_xi^T` (16 products
 /// of depth "tiles", 2.25x fewer multiply-adds than the direct weight
 /// gradient) and `dw = G^T dU G`. The tiles are split over the threads, each
 /// accumulating its own `dU`. The caller checks [`applies`].
 pub(crate) fn weight_grad(
-    xp: &Padded,
+    xs: &[f32],
     grid: Grid,
     cin: usize,
     g: &[f32],
@@ -269,7 +266,7 @@ pub(crate) fn weight_grad(
 ) {
     debug_assert_eq!(dw.len(), cout * 9 * cin);
     debug_assert_eq!(g.len(), grid.rows() * cout);
-    debug_assert_eq!(xp.pad, 1);
+    debug_assert_eq!(xs.len(), grid.rows() * cin);
     let tiles = Tiles::new(grid);
     if tiles.count == 0 || cout == 0 || cin == 0 {
         dw.fill(0.0);
@@ -291,7 +288,7 @@ pub(crate) fn weight_grad(
         for t0 in (part * per..end).step_by(TILES) {
             let n = TILES.min(end - t0);
             for t in 0..n {
-                let d = tiles.window(xp, cin, &zeros[..cin], t0 + t);
+                let d = tiles.window(xs, cin, &zeros[..cin], t0 + t);
                 // SAFETY: AVX2 checked by the caller; `v` holds 16 * vs.
                 unsafe { input_tile(&d, &mut v, t * cin, vs) };
                 let (b, y0, x0) = tiles.origin(t0 + t);
@@ -471,9 +468,15 @@ mod tests {
         // and small channel counts test it too.
         fn prop(seed: u64, bhw: (u8, u8, u8), cin: u8, cout: u8, bias: bool) -> TestResult {
             let kernel =
-                |xp: &Padded, g, cin, wt: &[f32], cout, _k, b: Option<&[f32]>, out: &mut [f32]| {
-                    conv(xp, g, cin, wt, cout, b, out)
-                };
+                |xs: &[f32],
+                 _xp: &crate::dense::Padded,
+                 g,
+                 cin,
+                 wt: &[f32],
+                 cout,
+                 _k,
+                 b: Option<&[f32]>,
+                 out: &mut [f32]| { conv(xs, g, cin, wt, cout, b, out) };
             conv_case(&kernel, seed, bhw, cin, cout, 3, bias)
         }
         QuickCheck::new()
@@ -528,10 +531,8 @@ mod tests {
             let (cin, cout) = (cin as usize % 37 + 1, cout as usize % 20 + 1);
             let xs = test_data(g.rows() * cin, seed);
             let gs = test_data(g.rows() * cout, seed ^ 3);
-            let xp = Padded::new(&xs, g, cin, 1);
             let mut dw = vec![f32::NAN; cout * 9 * cin];
-            weight_grad(&xp, g, cin, &gs, cout, &mut dw);
-            crate::pool::give(xp.data);
+            weight_grad(&xs, g, cin, &gs, cout, &mut dw);
             let want = weight_grad_reference(&xs, g, cin, &gs, cout);
             match first_mismatch(&dw, &want, 1e-5) {
                 Some(m) => TestResult::error(format!("{g:?} cin {cin} cout {cout}: dw{m}")),
@@ -562,10 +563,8 @@ mod tests {
         let xs = test_data(g.rows() * c, 7);
         let wt = test_data(c * 9 * c, 8);
         let b = test_data(c, 9);
-        let xp = Padded::new(&xs, g, c, 1);
         let mut out = vec![f32::NAN; g.rows() * c];
-        conv(&xp, g, c, &wt, c, Some(&b), &mut out);
-        crate::pool::give(xp.data);
+        conv(&xs, g, c, &wt, c, Some(&b), &mut out);
         let want = conv_reference(&xs, g, c, &wt, c, 3, &b);
         let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
         let worst = out
