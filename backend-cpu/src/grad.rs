@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::dense::{check_grid, conv_f32, conv_padded, depthwise_f32, winograd_applies, Padded};
 use crate::math::{softmax_online, softmax_probs, unary_backward_slice};
-use crate::norm::{group_stats, GroupStats};
+use crate::norm::{group_stats, per_sample, GroupStats};
 use crate::tensor::{numel_of, CpuTensor};
 use crate::util::{
     add_into, check_segments, dot, for_row_chunks, for_rows_with_sample, gemm_f32, gemm_long_k,
@@ -532,100 +532,90 @@ fn group_norm_backward(
     let (xs, gs, gm) = (&*xs, &*gs, &*gm);
     let l = grid.len();
     let cg = c / groups;
-    let batch = grid.batch;
     let count = ((l * cg) as f64).max(1.0);
-    // Statistics exactly as the forward.
-    let GroupStats {
-        m_hi,
-        m_lo,
-        inv: iv,
-    } = group_stats(xs, grid, c, groups, eps);
-    let xhat_row = |r: usize, b: usize, out: &mut [f32]| {
-        let span = b * c..(b + 1) * c;
-        let src = &xs[r * c..(r + 1) * c];
-        for ((((o, &v), &hi), &lo), &s) in out
-            .iter_mut()
-            .zip(src)
-            .zip(&m_hi[span.clone()])
-            .zip(&m_lo[span.clone()])
-            .zip(&iv[span])
-        {
-            *o = ((v - hi) - lo) * s;
-        }
-    };
-    // Per (sample, channel): [sum g, sum g * xhat].
-    let seg: Vec<usize> = (0..=batch).map(|b| b * l).collect();
-    let sums = segment_reduce(&seg, 2 * c, |r, acc| {
-        let mut xh = [0.0f32; 256];
-        let gr = &gs[r * c..(r + 1) * c];
-        let b = r / l;
-        let (a_g, a_gx) = acc.split_at_mut(c);
-        add_into(a_g, gr);
-        // Normalised row in stack chunks of 256 channels.
-        let mut c0 = 0;
-        while c0 < c {
-            let n = (c - c0).min(256);
-            let span = b * c + c0..b * c + c0 + n;
-            let src = &xs[r * c + c0..r * c + c0 + n];
-            for ((((o, &v), &hi), &lo), &s) in xh[..n]
-                .iter_mut()
-                .zip(src)
-                .zip(&m_hi[span.clone()])
-                .zip(&m_lo[span.clone()])
-                .zip(&iv[span])
+    let mut dx = crate::pool::take(rows * c);
+    // One sample at a time (statistics, sums, dx), so that the passes after
+    // the first read the sample's x and g from L2; see `norm::per_sample`.
+    // Returns the sample's per-channel [sum g, sum g * xhat].
+    let sums = per_sample(xs, &mut dx, grid, c, |b, xb, dxb, one| {
+        let gb = &gs[b * l * c..(b + 1) * l * c];
+        // Statistics exactly as the forward.
+        let GroupStats {
+            m_hi,
+            m_lo,
+            inv: iv,
+        } = group_stats(xb, one, c, groups, eps);
+        let xhat_row = |r: usize, out: &mut [f32]| {
+            let src = &xb[r * c..(r + 1) * c];
+            for ((((o, &v), &hi), &lo), &s) in
+                out.iter_mut().zip(src).zip(&m_hi).zip(&m_lo).zip(&iv)
             {
                 *o = ((v - hi) - lo) * s;
             }
-            add_prod_into(&mut a_gx[c0..c0 + n], &gr[c0..c0 + n], &xh[..n]);
-            c0 += n;
-        }
-    });
-    let mut dgamma = vec![0.0f64; c];
-    let mut dbeta = vec![0.0f64; c];
-    // Per (sample, group) means of gamma*g and gamma*g*xhat.
-    // Per (sample, channel): the group means of gamma*g and gamma*g*xhat.
-    let mut k1 = vec![0.0f32; batch * c];
-    let mut k2 = vec![0.0f32; batch * c];
-    for b in 0..batch {
-        let row = &sums[b * 2 * c..(b + 1) * 2 * c];
-        for ch in 0..c {
-            let (sg, sgx) = (row[ch] as f64, row[c + ch] as f64);
-            dbeta[ch] += sg;
-            dgamma[ch] += sgx;
-        }
+        };
+        let sums = segment_reduce(&[0, l], 2 * c, |r, acc| {
+            let mut xh = [0.0f32; 256];
+            let gr = &gb[r * c..(r + 1) * c];
+            let (a_g, a_gx) = acc.split_at_mut(c);
+            add_into(a_g, gr);
+            // Normalised row in stack chunks of 256 channels.
+            let mut c0 = 0;
+            while c0 < c {
+                let n = (c - c0).min(256);
+                let src = &xb[r * c + c0..r * c + c0 + n];
+                for ((((o, &v), &hi), &lo), &s) in xh[..n]
+                    .iter_mut()
+                    .zip(src)
+                    .zip(&m_hi[c0..c0 + n])
+                    .zip(&m_lo[c0..c0 + n])
+                    .zip(&iv[c0..c0 + n])
+                {
+                    *o = ((v - hi) - lo) * s;
+                }
+                add_prod_into(&mut a_gx[c0..c0 + n], &gr[c0..c0 + n], &xh[..n]);
+                c0 += n;
+            }
+        });
+        // Per channel: the group means of gamma*g and gamma*g*xhat.
+        let mut k1 = vec![0.0f32; c];
+        let mut k2 = vec![0.0f32; c];
         for gr in 0..groups {
             let (mut s1, mut s2) = (0.0f64, 0.0f64);
             for ch in gr * cg..(gr + 1) * cg {
-                s1 += gm[ch] as f64 * row[ch] as f64;
-                s2 += gm[ch] as f64 * row[c + ch] as f64;
+                s1 += gm[ch] as f64 * sums[ch] as f64;
+                s2 += gm[ch] as f64 * sums[c + ch] as f64;
             }
-            k1[b * c + gr * cg..b * c + (gr + 1) * cg].fill((s1 / count) as f32);
-            k2[b * c + gr * cg..b * c + (gr + 1) * cg].fill((s2 / count) as f32);
+            k1[gr * cg..(gr + 1) * cg].fill((s1 / count) as f32);
+            k2[gr * cg..(gr + 1) * cg].fill((s2 / count) as f32);
         }
-    }
-    // dx = inv * (gamma g - mean(gamma g) - xhat mean(gamma g xhat)).
-    let mut dx = crate::pool::take(rows * c);
-    if c > 0 {
-        for_row_chunks(&mut dx, c, |r0, chunk| {
+        // dx = inv * (gamma g - mean(gamma g) - xhat mean(gamma g xhat)).
+        for_row_chunks(dxb, c, |r0, chunk| {
             let mut xh = vec![0.0f32; c];
             for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
                 let r = r0 + i;
-                let b = r / l;
-                xhat_row(r, b, &mut xh);
-                let gr = &gs[r * c..(r + 1) * c];
-                let span = b * c..(b + 1) * c;
+                xhat_row(r, &mut xh);
+                let gr = &gb[r * c..(r + 1) * c];
                 for (((((o, &xv), &gv), &w), &a1), (&a2, &s)) in dst
                     .iter_mut()
                     .zip(&xh)
                     .zip(gr)
                     .zip(gm)
-                    .zip(&k1[span.clone()])
-                    .zip(k2[span.clone()].iter().zip(&iv[span]))
+                    .zip(&k1)
+                    .zip(k2.iter().zip(&iv))
                 {
                     *o = s * (w * gv - a1 - xv * a2);
                 }
             }
         });
+        sums
+    });
+    let mut dgamma = vec![0.0f64; c];
+    let mut dbeta = vec![0.0f64; c];
+    for row in &sums {
+        for ch in 0..c {
+            dbeta[ch] += row[ch] as f64;
+            dgamma[ch] += row[c + ch] as f64;
+        }
     }
     let dgamma: Vec<f32> = dgamma.into_iter().map(|v| v as f32).collect();
     let dbeta: Vec<f32> = dbeta.into_iter().map(|v| v as f32).collect();

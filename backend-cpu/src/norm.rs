@@ -135,32 +135,54 @@ pub(crate) fn group_norm(
     let xs = &*xs;
     let gm = gamma.to_f32_cow();
     let bt = beta.to_f32_cow();
-    let l = grid.len();
-    let st = group_stats(xs, grid, c, groups, eps);
-    // y = (x - m) * a + beta with a = inv * gamma, per (sample, channel).
-    let a: Vec<f32> = st
-        .inv
-        .chunks_exact(c.max(1))
-        .flat_map(|row| row.iter().zip(gm.iter()).map(|(&s, &w)| s * w))
-        .collect();
-    let (m, m_lo) = (&st.m_hi, &st.m_lo);
-    let bt = &*bt;
+    let (gm, bt) = (&*gm, &*bt);
     let mut out = crate::pool::take(rows * c);
-    for_row_chunks(&mut out, c, |r0, chunk| {
-        for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
-            let r = r0 + i;
-            let b = r / l;
-            let src = &xs[r * c..(r + 1) * c];
-            let span = b * c..(b + 1) * c;
-            let (mb, lb, ab) = (&m[span.clone()], &m_lo[span.clone()], &a[span]);
-            for (((((o, &v), &hi), &lo), &s), &t) in
-                dst.iter_mut().zip(src).zip(mb).zip(lb).zip(ab).zip(bt)
-            {
-                *o = ((v - hi) - lo) * s + t;
+    // One sample at a time, statistics then output, so that the passes after
+    // the first read the sample from L2 (200 KB at 784 pixels x 64
+    // channels) rather than the whole activation from memory three times.
+    // Per-sample statistics are those of the whole grid, bit for bit.
+    per_sample(xs, &mut out, grid, c, |_, xb, ob, one| {
+        let st = group_stats(xb, one, c, groups, eps);
+        // y = (x - m) * a + beta with a = inv * gamma, per channel.
+        let a: Vec<f32> = st.inv.iter().zip(gm).map(|(&s, &w)| s * w).collect();
+        let (m, m_lo) = (&st.m_hi, &st.m_lo);
+        for_row_chunks(ob, c, |r0, chunk| {
+            for (i, dst) in chunk.chunks_exact_mut(c).enumerate() {
+                let src = &xb[(r0 + i) * c..(r0 + i + 1) * c];
+                for (((((o, &v), &hi), &lo), &s), &t) in
+                    dst.iter_mut().zip(src).zip(m).zip(m_lo).zip(&a).zip(bt)
+                {
+                    *o = ((v - hi) - lo) * s + t;
+                }
             }
-        }
+        });
     });
     Ok(CpuTensor::from_result(out, x.shape(), x.dtype()))
+}
+
+/// `f(b, x_b, out_b, grid_b)` for every sample `b` of an NHWC activation
+/// `xs (grid.rows(), c)`, in parallel over the samples, results in sample
+/// order: `x_b` and `out_b` are the sample's rows, `grid_b` the grid of that
+/// one image. For ops that pass over a sample several times (GroupNorm's
+/// statistics, then its output), so that the later passes hit the cache.
+pub(crate) fn per_sample<R: Send>(
+    xs: &[f32],
+    out: &mut [f32],
+    grid: Grid,
+    c: usize,
+    f: impl Fn(usize, &[f32], &mut [f32], Grid) -> R + Sync + Send,
+) -> Vec<R> {
+    let per = grid.len() * c;
+    let one = Grid { batch: 1, ..grid };
+    if per == 0 {
+        return Vec::new();
+    }
+    out.par_chunks_mut(per)
+        .zip(xs.par_chunks(per))
+        .enumerate()
+        .with_max_len(1)
+        .map(|(b, (ob, xb))| f(b, xb, ob, one))
+        .collect()
 }
 
 /// Applies `f(src_row, dst_row)` to every row.
