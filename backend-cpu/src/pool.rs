@@ -8,9 +8,13 @@
 //! step (6586, 6484, 6474, ... of 25088 in the MNIST config), so every
 //! kept-token activation had a new length and missed, and the fresh memory
 //! cost ~22k page faults (~90 MB first touched) a step. The pool holds at most
-//! `MAX_POOL_BYTES` (2 GiB); beyond that, dropped buffers go back to the
-//! allocator. A buffer from `take` holds arbitrary (initialised) values: use it
-//! only where every element is written; `take_zeroed` for accumulators.
+//! `MAX_POOL_BYTES` (2 GiB); a buffer returned to a full pool evicts the
+//! buffers returned longest ago (whatever their size) until it fits, so the
+//! pool follows the current working set: after a large model's sampling
+//! filled it, a small model's training step found it full of buffers of the
+//! wrong sizes and page-faulted ~50 fresh ones every step. A buffer from
+//! `take` holds arbitrary (initialised) values: use it only where every
+//! element is written; `take_zeroed` for accumulators.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,31 +28,106 @@ const MAX_POOL_BYTES: usize = 2 << 30;
 /// Size classes per octave, as a power of two.
 const CLASS_BITS: u32 = 3;
 
+/// Pooled buffers of one element type by size class, each with the stamp
+/// of its return (lists grow by pushing, so each starts with its oldest).
+type Lists<T> = HashMap<u32, Vec<(u64, Vec<T>)>>;
+
 struct Pool {
     /// f32 buffers by size class; every buffer in class `c` has capacity
     /// `>= class_len(c)`.
-    by_class: HashMap<u32, Vec<Vec<f32>>>,
+    by_class: Lists<f32>,
     /// bf16 buffers (the storage of bf16 activations) likewise.
-    bf16_by_class: HashMap<u32, Vec<Vec<bf16>>>,
+    bf16_by_class: Lists<bf16>,
     /// Bytes held by both.
     bytes: usize,
+    /// Most bytes held.
+    cap: usize,
+    /// Returns so far (the next stamp).
+    stamp: u64,
 }
 
 /// An element type the pool recycles buffers of.
 trait Pooled: Copy + Default + 'static {
     /// This type's buffers in the pool.
-    fn lists(p: &mut Pool) -> &mut HashMap<u32, Vec<Vec<Self>>>;
+    fn lists(p: &mut Pool) -> &mut Lists<Self>;
 }
 
 impl Pooled for f32 {
-    fn lists(p: &mut Pool) -> &mut HashMap<u32, Vec<Vec<f32>>> {
+    fn lists(p: &mut Pool) -> &mut Lists<f32> {
         &mut p.by_class
     }
 }
 
 impl Pooled for bf16 {
-    fn lists(p: &mut Pool) -> &mut HashMap<u32, Vec<Vec<bf16>>> {
+    fn lists(p: &mut Pool) -> &mut Lists<bf16> {
         &mut p.bf16_by_class
+    }
+}
+
+impl Pool {
+    fn new(cap: usize) -> Pool {
+        Pool {
+            by_class: HashMap::new(),
+            bf16_by_class: HashMap::new(),
+            bytes: 0,
+            cap,
+            stamp: 0,
+        }
+    }
+
+    /// A buffer of class `c`, if one is pooled (the most recently returned).
+    fn get<T: Pooled>(&mut self, c: u32) -> Option<Vec<T>> {
+        let (_, v) = T::lists(self).get_mut(&c)?.pop()?;
+        self.bytes -= v.capacity() * size_of::<T>();
+        Some(v)
+    }
+
+    /// Keeps `v` (capacity at least `MIN_POOLED`), evicting the buffers
+    /// returned longest ago while it does not fit; a buffer larger than the
+    /// whole cap is dropped.
+    fn put<T: Pooled>(&mut self, v: Vec<T>) {
+        let bytes = v.capacity() * size_of::<T>();
+        if bytes > self.cap {
+            return;
+        }
+        while self.bytes + bytes > self.cap && self.evict_oldest() {}
+        self.bytes += bytes;
+        self.stamp += 1;
+        let stamp = self.stamp;
+        T::lists(self)
+            .entry(class_floor(v.capacity()))
+            .or_default()
+            .push((stamp, v));
+    }
+
+    /// Frees the buffer returned longest ago; false if the pool is empty.
+    fn evict_oldest(&mut self) -> bool {
+        fn oldest<T>(lists: &Lists<T>) -> Option<(u64, u32)> {
+            lists
+                .iter()
+                .filter_map(|(&c, l)| l.first().map(|(s, _)| (*s, c)))
+                .min()
+        }
+        let f = oldest(&self.by_class);
+        let h = oldest(&self.bf16_by_class);
+        let freed = match (f, h) {
+            (Some(a), Some(b)) if b < a => Self::remove_first(&mut self.bf16_by_class, b.1),
+            (Some(a), _) => Self::remove_first(&mut self.by_class, a.1),
+            (None, Some(b)) => Self::remove_first(&mut self.bf16_by_class, b.1),
+            (None, None) => return false,
+        };
+        self.bytes -= freed;
+        true
+    }
+
+    /// Drops the oldest buffer of class `c`; returns its bytes.
+    fn remove_first<T>(lists: &mut Lists<T>, c: u32) -> usize {
+        let Some(l) = lists.get_mut(&c) else { return 0 };
+        let (_, v) = l.remove(0);
+        if l.is_empty() {
+            lists.remove(&c);
+        }
+        v.capacity() * size_of::<T>()
     }
 }
 
@@ -56,13 +135,9 @@ static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
 fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> R {
     // A poisoned lock only means a panic elsewhere while holding it; the pool
-    // stays consistent (every mutation is a single push or pop).
+    // stays consistent (every mutation completes before the lock is released).
     let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    f(g.get_or_insert_with(|| Pool {
-        by_class: HashMap::new(),
-        bf16_by_class: HashMap::new(),
-        bytes: 0,
-    }))
+    f(g.get_or_insert_with(|| Pool::new(MAX_POOL_BYTES)))
 }
 
 /// The smallest size class whose length is `>= n` (`n >= 2^CLASS_BITS`).
@@ -105,13 +180,7 @@ fn take_of<T: Pooled>(n: usize) -> Vec<T> {
         return vec![T::default(); n];
     }
     let c = class_ceil(n);
-    let hit = with_pool(|p| {
-        let v = T::lists(p).get_mut(&c).and_then(|l| l.pop());
-        if let Some(v) = &v {
-            p.bytes -= v.capacity() * size_of::<T>();
-        }
-        v
-    });
+    let hit = with_pool(|p| p.get::<T>(c));
     match hit {
         Some(mut v) => {
             // Shrinking keeps the capacity; growing zero-fills only the part
@@ -173,22 +242,11 @@ pub(crate) fn give_bf16(v: Vec<bf16>) {
     give_of(v)
 }
 
-fn give_of<T: Pooled>(mut v: Vec<T>) {
-    let cap = v.capacity();
-    if cap < MIN_POOLED {
+fn give_of<T: Pooled>(v: Vec<T>) {
+    if v.capacity() < MIN_POOLED {
         return;
     }
-    let c = class_floor(cap);
-    let bytes = cap * size_of::<T>();
-    with_pool(|p| {
-        if p.bytes + bytes <= MAX_POOL_BYTES {
-            p.bytes += bytes;
-            T::lists(p)
-                .entry(c)
-                .or_default()
-                .push(std::mem::take(&mut v));
-        }
-    });
+    with_pool(|p| p.put(v));
 }
 
 /// Frees every pooled buffer (e.g. after a phase with different shapes).
@@ -267,6 +325,44 @@ mod tests {
             huge_kb.unwrap_or(0) >= 2048,
             "AnonHugePages of the buffer: {huge_kb:?}"
         );
+    }
+
+    /// A full pool makes room for a returned buffer by freeing the ones
+    /// returned longest ago, of either element type, and keeps the counts
+    /// straight; a buffer larger than the cap is not kept.
+    #[test]
+    fn a_full_pool_evicts_the_oldest_returns() {
+        let n = MIN_POOLED;
+        let f32_bytes = n * size_of::<f32>();
+        let mut p = Pool::new(3 * f32_bytes);
+        let buf = |len: usize, fill: f32| vec![fill; len];
+        p.put(buf(n, 1.0));
+        p.put(vec![bf16::from_f32(2.0); 2 * n]); // 1 f32-sized
+        p.put(buf(n, 3.0));
+        assert_eq!(p.bytes, 3 * f32_bytes);
+        // Full: the next return evicts the oldest (the 1.0 buffer).
+        p.put(buf(n, 4.0));
+        assert_eq!(p.bytes, 3 * f32_bytes);
+        let c = class_floor(n);
+        let got: Vec<f32> = (0..3)
+            .filter_map(|_| p.get::<f32>(c).map(|v| v[0]))
+            .collect();
+        assert_eq!(got, vec![4.0, 3.0], "most recent first; 1.0 evicted");
+        assert_eq!(p.bytes, f32_bytes, "the bf16 buffer is left");
+        // Two f32-sized returns into one free slot: the bf16 buffer (oldest)
+        // goes next.
+        p.put(buf(n, 5.0));
+        p.put(buf(n, 6.0));
+        p.put(buf(n, 7.0));
+        assert!(p.get::<bf16>(class_floor(2 * n)).is_none());
+        assert_eq!(p.bytes, 3 * f32_bytes);
+        // Larger than the whole cap: dropped, nothing evicted.
+        p.put(buf(4 * n, 8.0));
+        assert_eq!(p.bytes, 3 * f32_bytes);
+        assert!(p.get::<f32>(class_floor(4 * n)).is_none());
+        // Evicting from an empty pool reports it.
+        let mut e = Pool::new(f32_bytes);
+        assert!(!e.evict_oldest());
     }
 
     #[test]
