@@ -189,6 +189,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    // Likewise when the results file's folder cannot be made.
+    if let Some(dir) = a.json.as_deref().and_then(Path::parent) {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
     let backend = cpu(a.threads)?;
     let machine = machine_info(&backend);
     println!(
