@@ -143,28 +143,17 @@ fn conv_case(seed: u64, grid: Grid, cin: usize, cout: usize, k: usize, subset: b
         rng.vec(cout),
     );
     let r = rng.vec(rows * cout);
-    let (dx, dw, db) = b
-        .conv2d_backward(
-            &t(&x, &[rows, cin]),
-            grid,
-            &t(&w, &[cout, k, k, cin]),
-            k,
-            &t(&r, &[rows, cout]),
-        )
-        .unwrap();
+    let (xt, wt, rt) = (
+        t(&x, &[rows, cin]),
+        t(&w, &[cout, k, k, cin]),
+        t(&r, &[rows, cout]),
+    );
+    let (dx, dw, db) = b.conv2d_backward(&xt, grid, &wt, k, &rt).unwrap();
     assert_eq!(b.shape(&dx), vec![rows, cin]);
     assert_eq!(b.shape(&dw), vec![cout, k, k, cin]);
     assert_eq!(b.shape(&db), vec![cout]);
     // Without the input gradient: the same dw and db, bit for bit.
-    let (dw1, db1) = b
-        .conv2d_weight_backward(
-            &t(&x, &[rows, cin]),
-            grid,
-            &t(&w, &[cout, k, k, cin]),
-            k,
-            &t(&r, &[rows, cout]),
-        )
-        .unwrap();
+    let (dw1, db1) = b.conv2d_weight_backward(&xt, grid, &wt, k, &rt).unwrap();
     assert_eq!(b.shape(&dw1), b.shape(&dw));
     assert_eq!(host(&dw1), host(&dw), "conv2d_weight_backward dw");
     assert_eq!(host(&db1), host(&db), "conv2d_weight_backward db");
