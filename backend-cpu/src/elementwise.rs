@@ -5,6 +5,7 @@ use dcdit_core::backend::{Binary, Segments, Unary};
 use dcdit_core::{Error, Result};
 
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::tensor::{CpuTensor, Storage};
 use crate::util::{check_segments, for_row_chunks, for_rows_with_sample, sum, PAR_GRAIN};
@@ -18,11 +19,7 @@ fn row_f32<'a>(s: &'a Storage, r: usize, c: usize, buf: &'a mut [f32]) -> &'a [f
     match s {
         Storage::F32(v) => return &v[r * c..(r + 1) * c],
         Storage::BF16(v) => crate::tensor::bf16_to_f32(&v[r * c..(r + 1) * c], buf),
-        Storage::F16(v) => {
-            for (o, x) in buf.iter_mut().zip(&v[r * c..(r + 1) * c]) {
-                *o = x.to_f32();
-            }
-        }
+        Storage::F16(v) => v[r * c..(r + 1) * c].convert_to_f32_slice(buf),
     }
     buf
 }

@@ -112,7 +112,7 @@ unsafe fn block(
 /// # Safety
 /// AVX-512F; the operands valid for their shapes, `dst` for `m` rows of
 /// `n` and not touched by anyone else meanwhile.
-pub(crate) unsafe fn serial(
+unsafe fn serial(
     m: usize,
     n: usize,
     k: usize,

@@ -272,10 +272,30 @@ pub(crate) unsafe fn gemm_serial(
     rhs: Mat,
     dst: &mut [f32],
 ) {
+    gemm_rows(m, n, k, dst, lhs, rhs, false)
+}
+
+/// `dst (m, n) = lhs (m, k) * rhs (k, n)` (overwritten; rows of `n`
+/// contiguous), split over rows when `parallel`: [`crate::gemm512`] where it
+/// applies (AVX-512, at least 64 columns, `rhs` columns contiguous), else
+/// [`gemm_f32`]. The one dispatch behind [`gemm_serial`] and
+/// [`gemm_long_k`].
+///
+/// # Safety
+/// As [`gemm_f32`].
+unsafe fn gemm_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: Mat,
+    rhs: Mat,
+    parallel: bool,
+) {
     debug_assert_eq!(dst.len(), m * n);
     #[cfg(target_arch = "x86_64")]
     if rhs.cs == 1 && rhs.rs >= n as isize && crate::gemm512::applies(n) {
-        crate::gemm512::serial(m, n, k, lhs, rhs, dst.as_mut_ptr(), n);
+        crate::gemm512::gemm(m, n, k, dst, lhs, rhs, parallel);
         return;
     }
     gemm_f32(
@@ -289,7 +309,7 @@ pub(crate) unsafe fn gemm_serial(
         lhs,
         rhs,
         1.0,
-        false,
+        parallel,
     );
 }
 
@@ -300,8 +320,7 @@ pub(crate) unsafe fn gemm_serial(
 /// leaves one thread working, so here the reduction is split instead (one
 /// part per thread, partial results added; [`sum_of_parts`]) when `k` is at
 /// least 4x both `m` and `n`, each part a [`gemm_serial`]. Otherwise one
-/// product split over rows: [`crate::gemm512`] where it applies (AVX-512,
-/// at least 64 columns, `rhs` columns contiguous), else [`gemm_f32`].
+/// product split over rows ([`gemm_rows`]).
 ///
 /// # Safety
 /// As [`gemm_f32`].
@@ -326,24 +345,7 @@ pub(crate) unsafe fn gemm_long_k(
         });
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if rhs.cs == 1 && rhs.rs >= n as isize && crate::gemm512::applies(n) {
-        crate::gemm512::gemm(m, n, k, dst, lhs, rhs, parallel);
-        return;
-    }
-    gemm_f32(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        n as isize,
-        1,
-        false,
-        lhs,
-        rhs,
-        1.0,
-        parallel,
-    );
+    gemm_rows(m, n, k, dst, lhs, rhs, parallel)
 }
 
 /// `dst (m, n) = [dst +] scale * lhs (m, k) * rhs (k, n)` with f32 operands.
