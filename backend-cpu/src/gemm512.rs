@@ -112,15 +112,7 @@ unsafe fn block(
 /// # Safety
 /// AVX-512F; the operands valid for their shapes, `dst` for `m` rows of
 /// `n` and not touched by anyone else meanwhile.
-unsafe fn serial(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Mat,
-    rhs: Mat,
-    dst: *mut f32,
-    ldd: usize,
-) {
+unsafe fn serial(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, dst: *mut f32, ldd: usize) {
     let ldb = rhs.rs as usize;
     for k0 in (0..k).step_by(KC) {
         let kn = KC.min(k - k0);
